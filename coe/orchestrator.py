@@ -1,0 +1,187 @@
+"""The request flow shared by every front end: route, shape the prompt, generate.
+
+Until a learned router is configured, a request without an explicit expert goes to the expert of
+the fallback category (``router.fallback``, default ``general``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from coe.config import Expert, PoolConfig
+from coe.engines.base import (
+    Chunk,
+    EngineError,
+    Message,
+    Prompt,
+    SamplingParams,
+    Usage,
+    collect,
+)
+from coe.engines.pool import EnginePool
+
+
+class UnknownExpertError(KeyError):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        self.known = known
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"unknown expert {self.name!r}; defined experts: {', '.join(self.known)}"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    expert: str
+    category: str | None
+    confidence: float | None
+    fell_back: bool
+    reason: str
+    latency_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ChatResult:
+    decision: RouteDecision
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    latency_s: float
+    prompt: Prompt | None = field(default=None, repr=False)
+
+
+def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
+    out = []
+    for m in raw:
+        if isinstance(m, Message):
+            out.append(m)
+        else:
+            out.append(Message(role=m["role"], content=str(m["content"])))
+    return out
+
+
+class Orchestrator:
+    def __init__(self, config: PoolConfig, engines: EnginePool | None = None):
+        self.config = config
+        self.engines = engines or EnginePool(config)
+
+    # -- routing ---------------------------------------------------------------------------
+    def route(self, messages: list[Message], expert: str | None = None) -> RouteDecision:
+        t0 = time.perf_counter()
+        if expert is not None:
+            if expert not in self.config.expert_names:
+                raise UnknownExpertError(expert, self.config.expert_names)
+            return RouteDecision(
+                expert=expert,
+                category=None,
+                confidence=None,
+                fell_back=False,
+                reason="expert chosen by the caller",
+                latency_s=time.perf_counter() - t0,
+            )
+        fallback = self.config.category(self.config.router.fallback)
+        return RouteDecision(
+            expert=fallback.expert,
+            category=fallback.name,
+            confidence=None,
+            fell_back=True,
+            reason="no router configured: fallback category",
+            latency_s=time.perf_counter() - t0,
+        )
+
+    # -- shaping ---------------------------------------------------------------------------
+    def build_prompt(
+        self, expert: Expert, messages: list[Message], system: str | None = None
+    ) -> Prompt:
+        """The expert's system prompt (or the caller's ``system``) before the conversation."""
+        turns = [m for m in messages if m.role != "system"]
+        given = [m.content for m in messages if m.role == "system"]
+        system_text = system if system is not None else ("\n\n".join(given) or expert.system_prompt)
+        final = ([Message("system", system_text)] if system_text else []) + turns
+        return Prompt(messages=tuple(final), format=expert.prompt_format)
+
+    def sampling_for(self, expert: Expert, **overrides: Any) -> SamplingParams:
+        base = expert.sampling
+        params = SamplingParams(
+            temperature=base.temperature,
+            top_p=base.top_p,
+            max_tokens=base.max_tokens,
+            repetition_penalty=base.repetition_penalty,
+            seed=base.seed,
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "stop" in given:
+            given["stop"] = tuple(given["stop"])
+        return replace(params, **given)
+
+    # -- generation ------------------------------------------------------------------------
+    async def stream(
+        self,
+        messages: Iterable[Message | Mapping[str, Any]],
+        *,
+        expert: str | None = None,
+        system: str | None = None,
+        request_id: str | None = None,
+        **sampling: Any,
+    ) -> tuple[RouteDecision, Prompt, AsyncIterator[Chunk]]:
+        """Route and shape now; return the decision, the final prompt and the token stream."""
+        msgs = to_messages(messages)
+        if not any(m.role == "user" for m in msgs):
+            raise ValueError("the conversation has no user message")
+        decision = self.route(msgs, expert)
+        chosen = self.config.expert(decision.expert)
+        prompt = self.build_prompt(chosen, msgs, system)
+        params = self.sampling_for(chosen, **sampling)
+        engine = self.engines.engine_for(decision.expert)
+        return decision, prompt, self._generate(engine, prompt, params, request_id)
+
+    async def _generate(
+        self, engine: Any, prompt: Prompt, params: SamplingParams, request_id: str | None
+    ) -> AsyncIterator[Chunk]:
+        # A request that fails because its engine died is retried once on the restarted engine,
+        # but only if nothing reached the caller yet: a half-streamed answer cannot be redone.
+        for attempt in range(2):
+            produced = False
+            try:
+                async for chunk in engine.stream(prompt, params, request_id):
+                    produced = True
+                    yield chunk
+                return
+            except EngineError as exc:
+                if produced or not exc.retryable or attempt == 1:
+                    raise
+
+    async def chat(
+        self,
+        messages: Iterable[Message | Mapping[str, Any]],
+        *,
+        expert: str | None = None,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> ChatResult:
+        t0 = time.perf_counter()
+        decision, prompt, chunks = await self.stream(
+            messages, expert=expert, system=system, **sampling
+        )
+        completion = await collect(chunks)
+        return ChatResult(
+            decision=decision,
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            usage=completion.usage,
+            latency_s=time.perf_counter() - t0,
+            prompt=prompt,
+        )
+
+    async def start(self, experts: list[str] | None = None) -> None:
+        await self.engines.start(experts)
+
+    async def close(self) -> None:
+        await self.engines.shutdown()

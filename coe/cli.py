@@ -335,5 +335,53 @@ def models_list() -> None:
         click.echo(f"{name}\t{state}\t{path}\t{spec.description}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks: each prints its figure beside a reference measured in the same run."""
+
+
+@bench.command("engine")
+@click.option("--expert", help="Expert whose engine to measure (default: the fallback's).")
+@click.option("--tokens", default=128, show_default=True, help="New tokens per request.")
+@click.option("--batch", default=16, show_default=True, help="Concurrent requests, batched.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@pass_ctx
+def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_json: bool) -> None:
+    """Engine cold start and decode speed, beside plain transformers on the same model."""
+    from coe.bench.engine import run_engine_bench
+    from coe.models import ensure_models
+    from coe.runtime import BackgroundLoop
+
+    cfg = ctx.config
+    _check_expert(cfg, expert)
+    name = expert or cfg.category(cfg.router.fallback).expert
+    ensure_models(_needed_models(cfg, [name]))
+    runner = BackgroundLoop()
+    try:
+        with _status("measuring (engine start, decoding, then the transformers reference)"):
+            result = runner.run(run_engine_bench(cfg, name, tokens, batch))
+    finally:
+        runner.close()
+    figures = result.as_dict()
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"engine benchmark: {name} ({tokens} tokens/request)")
+    for col in ("measure", "vLLM engine", "reference: transformers"):
+        table.add_column(col)
+    table.add_row("start / load (s)", f"{result.engine_start_s}", f"{result.reference_load_s}")
+    table.add_row(
+        "single-stream decode (tok/s)",
+        f"{result.single_stream_tok_s}",
+        f"{result.reference_single_stream_tok_s}",
+    )
+    table.add_row(f"batched decode, {batch} requests (tok/s)", f"{result.batched_tok_s}", "")
+    table.add_row("time to first token (s)", f"{result.ttft_s}", "")
+    Console().print(table)
+
+
 if __name__ == "__main__":
     main()

@@ -27,6 +27,8 @@ TEST_EXPERT_DEFAULTS = {
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Nothing is downloaded at test time: fail at once instead of waiting on an unreachable hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pool_dict(**expert_overrides: object) -> dict:

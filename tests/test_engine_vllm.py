@@ -129,3 +129,15 @@ async def test_crashed_engine_fails_fast_then_restarts(orch: Orchestrator) -> No
     result = await orch.chat([{"role": "user", "content": "What is 2 plus 2?"}], **GREEDY)
     assert result.usage.completion_tokens > 0
     assert engine.starts == starts + 1 and engine.ready
+
+
+async def test_engine_that_cannot_start_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from coe.config import VllmOptions
+    from coe.engines.vllm_local import VllmSpec
+
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    engine = VllmLocalEngine("broken", VllmSpec(str(missing), "bfloat16", 512, VllmOptions()))
+    with pytest.raises(EngineError, match="engine broken failed to start for model") as info:
+        await collect(engine.stream(Prompt((Message("user", "hi"),)), SamplingParams()))
+    assert not info.value.retryable and not engine.ready

@@ -45,6 +45,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Keep generating past end-of-sequence: benchmarks use it to decode a fixed token count.
+    ignore_eos: bool = False
 
 
 @dataclass

@@ -153,14 +153,18 @@ class VllmLocalEngine:
                 f"the prompt has {prompt_len} tokens; expert engine {self.name} accepts at most "
                 f"{self.spec.max_model_len} tokens in all (max_model_len)"
             )
+        # A run that ignores EOS (benchmarks) must not end at the format's stops either.
+        stops = [] if sampling.ignore_eos else list(sampling.stop + format_stops(prompt))
+        stop_ids = [] if sampling.ignore_eos else self._stop_ids
         return VllmSampling(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=min(sampling.max_tokens, room),
             repetition_penalty=sampling.repetition_penalty,
             seed=sampling.seed,
-            stop=list(sampling.stop + format_stops(prompt)) or None,
-            stop_token_ids=self._stop_ids or None,
+            stop=stops or None,
+            stop_token_ids=stop_ids or None,
+            ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
 

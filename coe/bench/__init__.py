@@ -1,0 +1,1 @@
+"""Benchmarks (`coe bench ...`): each prints its figure beside an in-run reference."""

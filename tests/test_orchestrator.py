@@ -1,0 +1,119 @@
+"""Orchestrator logic with a scripted fake engine (fast); the real engine is in test_engine_vllm."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from coe.config import Expert, PoolConfig, parse_config
+from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams, Usage
+from coe.engines.pool import EnginePool
+from coe.orchestrator import Orchestrator
+
+from .conftest import pool_dict
+
+
+class ScriptedEngine:
+    """Fails the first ``failures`` requests (after ``emit_before_failing`` chunks), then echoes."""
+
+    def __init__(self, failures: int = 0, retryable: bool = True, emit_before_failing: int = 0):
+        self.name = "scripted"
+        self.failures = failures
+        self.retryable = retryable
+        self.emit_before_failing = emit_before_failing
+        self.calls: list[tuple[Prompt, SamplingParams]] = []
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        self.calls.append((prompt, sampling))
+        if len(self.calls) <= self.failures:
+            for _ in range(self.emit_before_failing):
+                yield Chunk(text="partial ")
+            raise EngineError("engine died", retryable=self.retryable)
+        yield Chunk(text="echo: ")
+        yield Chunk(text=prompt.messages[-1].content, finish_reason="stop", usage=Usage(3, 2))
+
+
+def make(engine: ScriptedEngine) -> tuple[Orchestrator, PoolConfig]:
+    cfg = parse_config(pool_dict(), "experts.yaml")
+    return Orchestrator(cfg, EnginePool(cfg, lambda _c, _e, _n: engine)), cfg
+
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+async def test_default_route_is_the_fallback_category() -> None:
+    orch, _ = make(ScriptedEngine())
+    result = await orch.chat(USER)
+    assert (result.decision.expert, result.decision.category) == ("qa", "general")
+    assert result.decision.fell_back
+    assert result.text == "echo: hello" and result.usage.completion_tokens == 2
+
+
+async def test_system_prompt_sampling_and_format_come_from_the_expert() -> None:
+    engine = ScriptedEngine()
+    orch, cfg = make(engine)
+    await orch.chat(USER, expert="chatty", max_tokens=7, temperature=None)
+    prompt, sampling = engine.calls[-1]
+    assert prompt.format == "chat"
+    assert [m.role for m in prompt.messages] == ["system", "user"]
+    assert prompt.messages[0].content == "Be brief."
+    assert sampling.max_tokens == 7
+    assert sampling.temperature == cfg.expert("chatty").sampling.temperature
+    # A caller's system message replaces the expert's own.
+    await orch.chat([{"role": "system", "content": "Mine."}, *USER], expert="chatty")
+    assert engine.calls[-1][0].messages[0].content == "Mine."
+
+
+async def test_request_retried_once_when_the_engine_died_before_any_output() -> None:
+    engine = ScriptedEngine(failures=1)
+    orch, _ = make(engine)
+    result = await orch.chat(USER)
+    assert result.text == "echo: hello" and len(engine.calls) == 2
+
+
+async def test_no_retry_after_output_reached_the_caller() -> None:
+    engine = ScriptedEngine(failures=1, emit_before_failing=1)
+    orch, _ = make(engine)
+    with pytest.raises(EngineError, match="engine died"):
+        await orch.chat(USER)
+    assert len(engine.calls) == 1
+
+
+async def test_no_endless_retries_and_no_retry_of_permanent_errors() -> None:
+    engine = ScriptedEngine(failures=5)
+    with pytest.raises(EngineError):
+        await make(engine)[0].chat(USER)
+    assert len(engine.calls) == 2
+    permanent = ScriptedEngine(failures=5, retryable=False)
+    with pytest.raises(EngineError):
+        await make(permanent)[0].chat(USER)
+    assert len(permanent.calls) == 1
+
+
+def test_experts_sharing_a_model_share_an_engine_and_others_do_not() -> None:
+    data = pool_dict()
+    data["experts"].append({"name": "other", "model": "/elsewhere", "max_model_len": 512})
+    cfg = parse_config(data, "experts.yaml")
+    made: list[Expert] = []
+
+    def factory(_c: PoolConfig, expert: Expert, _n: str) -> ScriptedEngine:
+        made.append(expert)
+        return ScriptedEngine()
+
+    pool = EnginePool(cfg, factory)
+    assert [e.name for e in made] == ["qa", "other"]
+    assert pool.engine_for("qa") is pool.engine_for("chatty")
+    assert pool.engine_for("other") is not pool.engine_for("qa")

@@ -204,6 +204,13 @@ class VllmLocalEngine:
     async def _close_llm(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
+            # Stop the output handler first: vLLM stops it only after the engine core, and in
+            # between it logs the core's exit as an engine failure.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await handler
             await asyncio.to_thread(llm.shutdown)
             # AsyncLLM.__del__ calls shutdown() again, which raises at interpreter exit once
             # module globals are gone. It is already shut down: make the second call a no-op.

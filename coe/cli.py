@@ -354,7 +354,7 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
 
     cfg = ctx.config
     _check_expert(cfg, expert)
-    name = expert or cfg.category(cfg.router.fallback).expert
+    (name,) = _experts_to_start(cfg, expert)
     ensure_models(_needed_models(cfg, [name]))
     runner = BackgroundLoop()
     try:

@@ -109,3 +109,17 @@ def test_interactive_chat_on_a_terminal(test_pool_file: Path, home: Path) -> Non
         child.close(force=True)
     assert child.exitstatus == 0
     assert (home / "chat_history").read_text().count("France") == 1
+
+
+def test_bench_engine_json(test_pool_file: Path, home: Path) -> None:
+    run = subprocess.run(
+        [COE, "--config", str(test_pool_file), "bench", "engine", "--json",
+         "--tokens", "8", "--batch", "2"],
+        capture_output=True, text=True, timeout=600, env=cli_env(COE_HOME=str(home)),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    assert figures["expert"] == "qa" and figures["tokens_per_request"] == 8
+    for key in ("engine_start_s", "single_stream_tok_s", "batched_tok_s",
+                "reference_load_s", "reference_single_stream_tok_s"):  # fmt: skip
+        assert figures[key] > 0, key

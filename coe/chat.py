@@ -40,7 +40,7 @@ class ChatState:
 def format_decision(d: RouteDecision) -> str:
     parts = [d.expert]
     if d.category:
-        parts.append(d.category)
+        parts.append(d.category + (" (fallback)" if d.fell_back else ""))
     if d.confidence is not None:
         parts.append(f"{d.confidence:.2f}")
     return "[→ " + " · ".join(parts) + "]"

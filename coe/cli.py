@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from coe import __version__
+from coe.cli_router import register as register_router_commands
 from coe.config import PREPARED_PREFIX, ConfigError, PoolConfig, load_config
 from coe.engines.vllm_local import quiet_vllm_logs
 
@@ -99,8 +100,13 @@ def _open_orchestrator(cfg: PoolConfig, experts: list[str]) -> tuple[Any, Any]:
             _needed_models(cfg, experts),
             report=(lambda m: status.update(m)) if status else (lambda m: click.echo(m, err=True)),
         )
+    router = None
+    if cfg.router.path is not None:
+        from coe.cli_router import load_router
+
+        router = load_router(cfg)
     runner = BackgroundLoop()
-    orch = Orchestrator(cfg)
+    orch = Orchestrator(cfg, router=router)
     try:
         with _status("starting the expert engine (about a minute on a CPU)"):
             runner.run(orch.start(experts))
@@ -127,9 +133,12 @@ def _check_expert(cfg: PoolConfig, expert: str | None) -> None:
 
 
 def _experts_to_start(cfg: PoolConfig, expert: str | None) -> list[str]:
+    """The expert asked for; else every expert the router can send a request to."""
     if expert is not None:
         return [expert]
-    return [cfg.category(cfg.router.fallback).expert]
+    if cfg.router.path is None:
+        return [cfg.category(cfg.router.fallback).expert]
+    return list(dict.fromkeys(c.expert for c in cfg.categories))
 
 
 def _sampling_options(f: Any) -> Any:
@@ -354,7 +363,7 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
 
     cfg = ctx.config
     _check_expert(cfg, expert)
-    (name,) = _experts_to_start(cfg, expert)
+    name = expert or cfg.category(cfg.router.fallback).expert
     ensure_models(_needed_models(cfg, [name]))
     runner = BackgroundLoop()
     try:
@@ -382,6 +391,8 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
     table.add_row("time to first token (s)", f"{result.ttft_s}", "")
     Console().print(table)
 
+
+register_router_commands(main, bench, pass_ctx)
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,14 @@
 """The request flow shared by every front end: route, shape the prompt, generate.
 
-Until a learned router is configured, a request without an explicit expert goes to the expert of
-the fallback category (``router.fallback``, default ``general``).
+A request names its expert, or the router picks one (``router.path`` in experts.yaml). A pool
+without a router sends every request to the fallback category's expert (``router.fallback``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coe.config import Expert, PoolConfig
@@ -22,6 +22,9 @@ from coe.engines.base import (
     collect,
 )
 from coe.engines.pool import EnginePool
+from coe.router.base import RouteDecision, Router
+
+__all__ = ["ChatResult", "Orchestrator", "RouteDecision", "UnknownExpertError", "to_messages"]
 
 
 class UnknownExpertError(KeyError):
@@ -32,19 +35,6 @@ class UnknownExpertError(KeyError):
 
     def __str__(self) -> str:
         return f"unknown expert {self.name!r}; defined experts: {', '.join(self.known)}"
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    expert: str
-    category: str | None
-    confidence: float | None
-    fell_back: bool
-    reason: str
-    latency_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -68,9 +58,12 @@ def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
 
 
 class Orchestrator:
-    def __init__(self, config: PoolConfig, engines: EnginePool | None = None):
+    def __init__(
+        self, config: PoolConfig, engines: EnginePool | None = None, router: Router | None = None
+    ):
         self.config = config
         self.engines = engines or EnginePool(config)
+        self.router = router
 
     # -- routing ---------------------------------------------------------------------------
     def route(self, messages: list[Message], expert: str | None = None) -> RouteDecision:
@@ -86,6 +79,8 @@ class Orchestrator:
                 reason="expert chosen by the caller",
                 latency_s=time.perf_counter() - t0,
             )
+        if self.router is not None:
+            return self.router.route(messages)
         fallback = self.config.category(self.config.router.fallback)
         return RouteDecision(
             expert=fallback.expert,

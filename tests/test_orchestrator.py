@@ -117,3 +117,28 @@ def test_experts_sharing_a_model_share_an_engine_and_others_do_not() -> None:
     assert [e.name for e in made] == ["qa", "other"]
     assert pool.engine_for("qa") is pool.engine_for("chatty")
     assert pool.engine_for("other") is not pool.engine_for("qa")
+
+
+class PickWriting:
+    """A router stand-in: sends everything to the writing category."""
+
+    def __init__(self) -> None:
+        self.seen: list[list] = []
+
+    def route(self, messages):
+        from coe.router.base import RouteDecision
+
+        self.seen.append(list(messages))
+        return RouteDecision("chatty", "writing", 0.9, False, "test router")
+
+
+async def test_the_router_decides_when_no_expert_is_named() -> None:
+    engine = ScriptedEngine()
+    cfg = parse_config(pool_dict(), "experts.yaml")
+    router = PickWriting()
+    orch = Orchestrator(cfg, EnginePool(cfg, lambda _c, _e, _n: engine), router=router)
+    result = await orch.chat(USER)
+    assert (result.decision.expert, result.decision.category) == ("chatty", "writing")
+    assert engine.calls[0][0].messages[0].content == "Be brief."  # chatty's system prompt
+    named = await orch.chat(USER, expert="qa")
+    assert named.decision.expert == "qa" and len(router.seen) == 1

@@ -11,19 +11,17 @@ missing or does not match is treated as partial or corrupt and rebuilt.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from coe.models.gemma_template import GEMMA_CHAT_TEMPLATE, GEMMA_STOP_TOKEN_IDS
-from coe.paths import models_dir
+from coe.paths import exclusive_lock, models_dir
 
 MANIFEST_NAME = "coe-manifest.json"
 MANIFEST_FORMAT = 1
@@ -154,18 +152,6 @@ def verify_prepared(folder: Path, *, full: bool = True) -> list[str]:
     return problems
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise builds of one model across processes (a test run and `make chat` at once)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepared_path(name: str) -> Path:
     return models_dir() / name
 
@@ -176,7 +162,7 @@ def prepare_model(name: str, *, force: bool = False, report: Report | None = Non
         raise KeyError(f"unknown model {name!r}; preparable: {', '.join(PREPARABLE)}")
     say = report or (lambda _msg: None)
     target = prepared_path(name)
-    with _exclusive(target.parent / f".{name}.lock"):
+    with exclusive_lock(target.parent / f".{name}.lock"):
         if not force:
             problems = verify_prepared(target)
             if not problems:

@@ -1,0 +1,378 @@
+"""`coe route`, `coe router fit|eval|map` and `coe bench router`: the router's commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coe.config import PoolConfig
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_router(
+    cfg: PoolConfig, router_path: Path | None = None, backend: str | None = None
+) -> Any:
+    """The configured router (or the one in ROUTER_PATH); a broken one is a clear error."""
+    from coe.router.artifact import RouterArtifactError, load_artifact
+    from coe.router.embed import EmbedderError, load_embedder
+    from coe.router.router import TwoStageRouter, router_dir
+
+    if router_path is None and cfg.router.path is None:
+        _fail(f"{cfg.source}: no router.path configured; pass --router DIR")
+    folder = router_path or router_dir(cfg)
+    try:
+        artifact = load_artifact(folder)
+        settings = artifact.embedder_settings(backend=backend)
+        if settings.backend == "onnx-int8" and sys.stderr.isatty():
+            click.echo("loading the router (the first run builds its ONNX embedder)", err=True)
+        embedder = load_embedder(settings)
+        return TwoStageRouter(artifact, embedder, cfg, threshold=cfg.router.threshold)
+    except (RouterArtifactError, EmbedderError) as exc:
+        _fail(str(exc))
+
+
+def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
+    """Attach the router commands to the CLI's groups."""
+
+    @main.command()
+    @click.argument("prompt")
+    @click.option("--json", "as_json", is_flag=True, help="Print the RouteDecision as JSON.")
+    @click.option(
+        "--router", "router_path", type=click.Path(path_type=Path), help="Router folder to use."
+    )
+    @pass_ctx
+    def route(ctx: Any, prompt: str, as_json: bool, router_path: Path | None) -> None:
+        """Show where PROMPT would go (category, confidence, expert) without generating."""
+        from coe.engines.base import Message
+
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+        router = load_router(ctx.config, router_path)
+        decision = router.route([Message("user", prompt)])
+        if as_json:
+            click.echo(json.dumps(decision.as_dict(), ensure_ascii=False))
+            return
+        click.echo(
+            f"{decision.category} → {decision.expert}  (confidence {decision.confidence:.2f}, "
+            f"{decision.latency_s * 1e3:.1f} ms)"
+        )
+        click.echo(f"  {decision.reason}")
+        for category, p in decision.alternatives:
+            click.echo(f"  runner-up: {category} {p:.2f}")
+
+    @main.group()
+    def router() -> None:
+        """Fit, evaluate and map the two-stage router (embedding -> classifier -> expert)."""
+
+    @router.command("fit")
+    @click.argument("data", type=click.Path(path_type=Path, dir_okay=False))
+    @click.option("--out", type=click.Path(path_type=Path), required=True, help="Router folder.")
+    @click.option(
+        "--kind", type=click.Choice(["logreg", "knn"]), default="logreg", show_default=True
+    )
+    @click.option(
+        "--embedding-model",
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        show_default=True,
+        help="A sentence-transformers model directory, or the default model's name.",
+    )
+    @click.option(
+        "--backend",
+        type=click.Choice(["onnx-int8", "torch"]),
+        default="onnx-int8",
+        show_default=True,
+        help="How prompts are embedded (also at serving time).",
+    )
+    @click.option("--max-seq-length", default=64, show_default=True, help="Tokens embedded.")
+    @click.option(
+        "--tail-tokens",
+        default=16,
+        show_default=True,
+        help="Of those, tokens from the end of a long prompt (onnx-int8; 0 = start only).",
+    )
+    @click.option("--folds", default=5, show_default=True, help="Cross-validation folds.")
+    @click.option(
+        "--fallback-value",
+        default=0.5,
+        show_default=True,
+        help="What a fallback answer is worth against a right (1) or wrong (0) specialist; "
+        "sets the confidence threshold.",
+    )
+    def router_fit(
+        data: Path,
+        out: Path,
+        kind: str,
+        embedding_model: str,
+        backend: str,
+        max_seq_length: int,
+        tail_tokens: int,
+        folds: int,
+        fallback_value: float,
+    ) -> None:
+        """Fit a router on DATA.jsonl ({"prompt", "category"} per line) and save it to --out.
+
+        Hyper-parameters, calibration and the fallback threshold are chosen by cross-validation
+        on DATA alone.
+        """
+        from coe.router.data import DataError, read_labelled
+        from coe.router.embed import EmbedderError, EmbedderSettings, load_embedder
+        from coe.router.train import fit_router
+
+        try:
+            rows = read_labelled(data)
+            embedder = load_embedder(
+                EmbedderSettings(
+                    model=embedding_model,
+                    backend=backend,
+                    max_seq_length=max_seq_length,
+                    tail_tokens=0 if backend == "torch" else tail_tokens,
+                )
+            )
+            artifact = fit_router(
+                rows,
+                embedder,
+                kind=kind,
+                folds=folds,
+                fallback_value=fallback_value,  # type: ignore[arg-type]
+                source=data.name,
+                report=lambda m: click.echo(m, err=True),
+            )
+        except (DataError, EmbedderError, ValueError) as exc:
+            _fail(str(exc))
+        artifact.save(out)
+        m = artifact.metrics
+        click.echo(
+            f"saved {out}: {len(artifact.categories)} categories, {len(rows)} prompts; "
+            f"cross-validated accuracy {m['cv_accuracy']:.3f}, macro-F1 {m['cv_macro_f1']:.3f}; "
+            f"threshold {artifact.threshold:.2f} (falls back on {m['cv_fallback_rate']:.0%})"
+        )
+
+    @router.command("eval")
+    @click.argument("data", type=click.Path(path_type=Path, dir_okay=False))
+    @click.option("--router", "router_path", type=click.Path(path_type=Path), help="Router folder.")
+    @click.option(
+        "--backend",
+        type=click.Choice(["onnx-int8", "torch"]),
+        help="Embed with this path instead of the one the router was fitted with.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+    @click.option(
+        "--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write the confusion PNG."
+    )
+    @pass_ctx
+    def router_eval(
+        ctx: Any,
+        data: Path,
+        router_path: Path | None,
+        backend: str | None,
+        as_json: bool,
+        plot: Path | None,
+    ) -> None:
+        """Accuracy, macro-F1, per-category precision/recall and the confusion matrix on DATA.
+
+        DATA: coe's JSONL, the MT-Bench question file (first turns) or the Arena-Hard v2.0
+        question file (subcategories; creative_writing counts as writing).
+        """
+        from coe.router.data import DataError, read_labelled
+        from coe.router.evaluate import evaluate, plot_confusion
+
+        try:
+            rows = read_labelled(data)
+        except DataError as exc:
+            _fail(str(exc))
+        router = load_router(ctx.config, router_path, backend)
+        report = evaluate(router, rows)
+        if plot:
+            plot_confusion(report, plot, title=f"{data.name}: accuracy {report.accuracy:.3f}")
+        if as_json:
+            click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
+            return
+        _print_eval(report, data.name)
+        if plot:
+            click.echo(f"confusion matrix written to {plot}")
+
+    @router.command("map")
+    @click.option(
+        "--scores",
+        type=click.Path(path_type=Path, dir_okay=False),
+        required=True,
+        help='JSON: {"scores": {expert: {category: score}}, "frequencies": {category: w}}.',
+    )
+    @click.option(
+        "--budget-params",
+        type=float,
+        help="Most average active parameters per request (default: no limit).",
+    )
+    @click.option("--write", is_flag=True, help="Write the chosen map into experts.yaml.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the frontier and choice as JSON.")
+    @pass_ctx
+    def router_map(
+        ctx: Any, scores: Path, budget_params: float | None, write: bool, as_json: bool
+    ) -> None:
+        """Pick the category -> expert map with the best expected score within a budget.
+
+        Prints the Pareto frontier: average active parameters against expected score.
+        """
+        from coe.router.mapping import (
+            MappingError,
+            best_within,
+            load_scores,
+            pareto_frontier,
+            write_map,
+        )
+
+        cfg = ctx.config
+        try:
+            table = load_scores(scores)
+            unknown = [e for e in table.scores if e not in cfg.expert_names]
+            if unknown:
+                raise MappingError(f"{scores}: experts not in {cfg.source}: {', '.join(unknown)}")
+            params = {e.name: e.params for e in cfg.experts if e.params}
+            frontier = pareto_frontier(table, params)
+            chosen = best_within(frontier, budget_params)
+        except MappingError as exc:
+            _fail(str(exc))
+        changes = write_map(cfg.source, chosen.assignment) if write else []
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "frontier": [m.as_dict() for m in frontier],
+                        "chosen": chosen.as_dict(),
+                        "budget_params": budget_params,
+                        "written": changes if write else None,
+                    },
+                    indent=2,
+                )
+            )
+            return
+        _print_frontier(frontier, chosen, budget_params)
+        if write:
+            click.echo(f"wrote {cfg.source}: " + ("; ".join(changes) or "no changes"))
+
+    @bench.command("router")
+    @click.option(
+        "--prompts",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Labelled prompts for the batched run (default: Arena-Hard v2.0 questions).",
+    )
+    @click.option("--repeats", default=100, show_default=True, help="Single-prompt repeats.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+    @pass_ctx
+    def bench_router(ctx: Any, prompts: Path | None, repeats: int, as_json: bool) -> None:
+        """Routing latency (p50/p99, short and long prompt) and batched throughput, beside plain
+        sentence-transformers on PyTorch in the same run."""
+        from coe.bench.router import run_router_bench
+        from coe.paths import arena_hard_questions
+        from coe.router.data import DataError, read_labelled
+
+        path = prompts or arena_hard_questions()
+        try:
+            rows = read_labelled(path)
+        except DataError as exc:
+            _fail(f"{exc} (set COE_EVALDATA or pass --prompts)")
+        router = load_router(ctx.config)
+        result = run_router_bench(router, rows, repeats)
+        if as_json:
+            click.echo(json.dumps(result.as_dict(), indent=2))
+            return
+        _print_bench(result, path.name)
+
+
+def _print_eval(report: Any, name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"{name}: n={report.n}  accuracy {report.accuracy:.3f}  macro-F1 {report.macro_f1:.3f}  "
+        f"(below threshold: {report.fallback_rate:.1%}; accuracy counting those as misses: "
+        f"{report.accuracy_with_fallback:.3f})"
+    )
+    per = Table(title="per category")
+    for col in ("category", "precision", "recall", "f1", "n"):
+        per.add_column(col, justify="right" if col != "category" else "left")
+    for c, m in report.per_category.items():
+        per.add_row(
+            c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
+        )
+    console.print(per)
+    conf = Table(title="confusion (rows: true, columns: predicted)")
+    conf.add_column("")
+    for label in report.labels:
+        conf.add_column(label[:8], justify="right")
+    for label, row in zip(report.labels, report.confusion, strict=True):
+        if not any(row):
+            continue  # a category the data set has no prompts of
+        conf.add_row(label, *[str(v) if v else "·" for v in row])
+    console.print(conf)
+
+
+def _print_frontier(frontier: list[Any], chosen: Any, budget: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Pareto frontier: average active parameters vs expected score")
+    for col in ("", "avg active params", "expected score", "map"):
+        table.add_column(col)
+    for m in frontier:
+        mark = "→" if m == chosen else ""
+        mapping = ", ".join(f"{c}:{e}" for c, e in m.assignment.items())
+        table.add_row(mark, f"{m.avg_active_params / 1e9:.2f}B", f"{m.expected_score:.3f}", mapping)
+    Console().print(table)
+    limit = "no budget" if budget is None else f"budget {budget / 1e9:.2f}B"
+    click.echo(
+        f"chosen ({limit}): expected score {chosen.expected_score:.3f} at "
+        f"{chosen.avg_active_params / 1e9:.2f}B average active parameters"
+    )
+
+
+def _print_bench(result: Any, source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r, ref = result.router, result.reference
+    table = Table(title=f"router benchmark ({result.prompts} prompts from {source})")
+    table.add_column("measure")
+    table.add_column(f"router: {r.backend}, {r.max_seq_length} tokens", justify="right")
+    table.add_column(
+        f"reference: sentence-transformers, {ref.max_seq_length} tokens", justify="right"
+    )
+    table.add_column("speed-up", justify="right")
+    table.add_row(
+        f"short prompt ({result.short_prompt_chars} chars) p50 / p99 ms",
+        f"{r.short_p50_ms} / {r.short_p99_ms}",
+        f"{ref.short_p50_ms} / {ref.short_p99_ms}",
+        f"{result.speedup['short_p50']}x",
+    )
+    table.add_row(
+        f"long prompt ({result.long_prompt_chars} chars) p50 / p99 ms",
+        f"{r.long_p50_ms} / {r.long_p99_ms}",
+        f"{ref.long_p50_ms} / {ref.long_p99_ms}",
+        f"{result.speedup['long_p50']}x",
+    )
+    table.add_row(
+        f"batched (batch {result.batch_size}) prompts/s",
+        f"{r.batched_prompts_per_s}",
+        f"{ref.batched_prompts_per_s}",
+        f"{result.speedup['batched']}x",
+    )
+    table.add_row(
+        "accuracy on those prompts (same classifier)",
+        f"{r.batched_accuracy}",
+        f"{ref.batched_accuracy}",
+        "",
+    )
+    Console().print(table)

@@ -1,0 +1,81 @@
+"""Labelled prompts: our own JSONL, and the MT-Bench and Arena-Hard question files.
+
+Formats are told apart by their keys:
+- ``{"prompt": ..., "category": ...}``: coe's own training/eval data;
+- ``{"question_id", "category", "turns": [...]}``: MT-Bench (the first turn is the prompt);
+- ``{"uid", "category", "subcategory", "prompt"}``: Arena-Hard v2.0 (the subcategory is the label;
+  its ``creative_writing`` is what coe calls ``writing``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ARENA_HARD_CATEGORY = {"creative_writing": "writing", "coding": "coding", "math": "math"}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    prompt: str
+    category: str
+
+
+def _row(raw: dict, where: str) -> LabelledPrompt:
+    if "turns" in raw and "category" in raw:
+        turns = raw["turns"]
+        if not turns:
+            raise DataError(f"{where}: MT-Bench row without turns")
+        return LabelledPrompt(str(turns[0]), str(raw["category"]))
+    if "subcategory" in raw and "prompt" in raw:
+        sub = str(raw["subcategory"])
+        return LabelledPrompt(str(raw["prompt"]), ARENA_HARD_CATEGORY.get(sub, sub))
+    if "prompt" in raw and "category" in raw:
+        return LabelledPrompt(str(raw["prompt"]), str(raw["category"]))
+    raise DataError(
+        f'{where}: expected {{"prompt": ..., "category": ...}} (or an MT-Bench / Arena-Hard '
+        f"question row); got keys {sorted(raw)}"
+    )
+
+
+def read_labelled(path: Path | str) -> list[LabelledPrompt]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    # split("\n"), not splitlines(): prompts may hold U+2028 and friends, which JSON leaves raw.
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
+        row = _row(raw, f"{path}:{n}")
+        if not row.prompt.strip():
+            raise DataError(f"{path}:{n}: empty prompt")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def data_hash(rows: list[LabelledPrompt]) -> str:
+    """SHA-256 of the rows in order: identifies the training data a router was fitted on."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.prompt, r.category], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def category_counts(rows: list[LabelledPrompt]) -> dict[str, int]:
+    return dict(sorted(Counter(r.category for r in rows).items()))

@@ -40,7 +40,9 @@ class ChatState:
 def format_decision(d: RouteDecision) -> str:
     parts = [d.expert]
     if d.category:
-        parts.append(d.category + (" (fallback)" if d.fell_back else ""))
+        # Only a router's fallback is news; a pool without a router always uses the fallback.
+        routed = d.confidence is not None
+        parts.append(d.category + (" (fallback)" if d.fell_back and routed else ""))
     if d.confidence is not None:
         parts.append(f"{d.confidence:.2f}")
     return "[→ " + " · ".join(parts) + "]"

@@ -23,20 +23,14 @@ def load_router(
     cfg: PoolConfig, router_path: Path | None = None, backend: str | None = None
 ) -> Any:
     """The configured router (or the one in ROUTER_PATH); a broken one is a clear error."""
-    from coe.router.artifact import RouterArtifactError, load_artifact
-    from coe.router.embed import EmbedderError, load_embedder
-    from coe.router.router import TwoStageRouter, router_dir
+    from coe.router.artifact import RouterArtifactError
+    from coe.router.embed import EmbedderError
+    from coe.router.router import TwoStageRouter
 
-    if router_path is None and cfg.router.path is None:
-        _fail(f"{cfg.source}: no router.path configured; pass --router DIR")
-    folder = router_path or router_dir(cfg)
+    if sys.stderr.isatty():
+        click.echo("loading the router (the first run builds its ONNX embedder)", err=True)
     try:
-        artifact = load_artifact(folder)
-        settings = artifact.embedder_settings(backend=backend)
-        if settings.backend == "onnx-int8" and sys.stderr.isatty():
-            click.echo("loading the router (the first run builds its ONNX embedder)", err=True)
-        embedder = load_embedder(settings)
-        return TwoStageRouter(artifact, embedder, cfg, threshold=cfg.router.threshold)
+        return TwoStageRouter.from_config(cfg, router_path, backend)
     except (RouterArtifactError, EmbedderError) as exc:
         _fail(str(exc))
 

@@ -60,13 +60,24 @@ class TwoStageRouter:
         self.expert_of = {c.name: c.expert for c in config.categories}
 
     @classmethod
-    def from_config(cls, config: PoolConfig, embedder: Embedder | None = None) -> TwoStageRouter:
-        if config.router.path is None:
-            raise RouterArtifactError("experts.yaml has no router.path")
-        artifact = load_artifact(router_dir(config))
+    def from_config(
+        cls,
+        config: PoolConfig,
+        folder: Path | None = None,
+        backend: str | None = None,
+        embedder: Embedder | None = None,
+    ) -> TwoStageRouter:
+        """The router in FOLDER (default: experts.yaml's router.path), embedding as it was fitted
+        unless BACKEND says otherwise."""
+        if folder is None and config.router.path is None:
+            raise RouterArtifactError(
+                f"{config.source or 'experts.yaml'}: no router.path configured; "
+                "pass a router folder"
+            )
+        artifact = load_artifact(folder or router_dir(config))
         return cls(
             artifact,
-            embedder or load_embedder(artifact.embedder_settings()),
+            embedder or load_embedder(artifact.embedder_settings(backend=backend)),
             config,
             threshold=config.router.threshold,
         )

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from coe import __version__
+from coe.cli_cache import register as register_cache_commands
 from coe.cli_router import register as register_router_commands
 from coe.config import PREPARED_PREFIX, ConfigError, PoolConfig, load_config
 from coe.engines.vllm_local import quiet_vllm_logs
@@ -272,10 +273,29 @@ def chat(
 @click.option("--json", "as_json", is_flag=True, help="Print the pool as JSON.")
 @pass_ctx
 def experts(ctx: Context, as_json: bool) -> None:
-    """List the experts of the pool and the categories each one serves."""
+    """List the experts, the categories each serves, and where their weights are.
+
+    Tier (hbm, host, disk), bytes and hit counts are live when a `coe chat` or `coe serve` on
+    this experts.yaml is running; otherwise they show where the weights start.
+    """
+    from coe.cache.plan import planned_residency
+    from coe.cache.status import read_live
+
     cfg = ctx.config
+    placement = planned_residency(cfg)
+    live = read_live(cfg.source)
+    if live is not None:
+        for row in live["experts"]:
+            for name in row.get("experts", [row["expert"]]):
+                if name in placement:
+                    placement[name].update(
+                        tier=row["tier"],
+                        hits=row["hits"],
+                        bytes=row["host_bytes"] or row["disk_bytes"],
+                    )
     rows = []
     for e in cfg.experts:
+        where = placement.get(e.name, {})
         rows.append(
             {
                 "name": e.name,
@@ -283,23 +303,48 @@ def experts(ctx: Context, as_json: bool) -> None:
                 "model": e.model if e.engine == "vllm" else (e.remote.base_url if e.remote else ""),
                 "format": e.prompt_format,
                 "params": e.params,
-                "bytes": e.bytes,
+                "bytes": where.get("bytes", e.bytes),
+                "tier": where.get("tier", "remote" if e.engine == "remote" else "hbm"),
+                "hits": where.get("hits"),
+                "slot_group": where.get("group"),
                 "categories": [c.name for c in cfg.categories if c.expert == e.name],
             }
         )
     if as_json:
-        click.echo(json.dumps({"config": str(cfg.source), "experts": rows}, indent=2))
+        body = {"config": str(cfg.source), "live": live is not None, "experts": rows}
+        click.echo(json.dumps(body, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"experts ({cfg.source})")
-    for col in ("expert", "engine", "model", "format", "params", "categories"):
+    state = f"live, pid {live['pid']}" if live else "planned"
+    table = Table(title=f"experts ({cfg.source}; tiers {state})")
+    for col in (
+        "expert",
+        "engine",
+        "model",
+        "format",
+        "params",
+        "tier",
+        "bytes",
+        "hits",
+        "categories",
+    ):
         table.add_column(col)
     for r in rows:
         params = f"{r['params'] / 1e6:,.0f}M" if r["params"] else "?"
+        size = f"{r['bytes'] / 1e6:,.0f} MB" if r["bytes"] else "?"
+        hits = "" if r["hits"] is None else str(r["hits"])
         table.add_row(
-            r["name"], r["engine"], r["model"], r["format"], params, ", ".join(r["categories"])
+            r["name"],
+            r["engine"],
+            r["model"],
+            r["format"],
+            params,
+            r["tier"],
+            size,
+            hits,
+            ", ".join(r["categories"]),
         )
     Console().print(table)
 
@@ -393,6 +438,7 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
 
 
 register_router_commands(main, bench, pass_ctx)
+register_cache_commands(main, bench, pass_ctx)
 
 if __name__ == "__main__":
     main()

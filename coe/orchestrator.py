@@ -131,6 +131,11 @@ class Orchestrator:
         if not any(m.role == "user" for m in msgs):
             raise ValueError("the conversation has no user message")
         decision = self.route(msgs, expert)
+        # The decision is the weight cache's prefetch signal: start moving the expert up now,
+        # before the request reaches the head of its queue.
+        prefetch = getattr(self.engines, "prefetch", None)
+        if prefetch is not None:
+            prefetch(decision.expert)
         chosen = self.config.expert(decision.expert)
         prompt = self.build_prompt(chosen, msgs, system)
         params = self.sampling_for(chosen, **sampling)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from coe.cache.tiers import Tier
 from coe.config import PoolConfig, parse_config
@@ -123,6 +124,12 @@ def test_swapped_experts_answer_exactly_like_dedicated_engines(
     assert seen["v2"] != seen["v1"] and seen["v2"] != seen["base"]
     status = {row["expert"]: row for row in pool.cache_status()}
     assert status["v1"]["swaps_in"] >= 3 and status["base"]["swaps_in"] >= 2
+    moves = REGISTRY.get_sample_value(
+        "coe_weight_moves_total", {"from_tier": "host", "to_tier": "hbm"}
+    )
+    assert moves is not None and moves >= 5
+    resident = REGISTRY.get_sample_value("coe_expert_residency", {"expert": "base", "tier": "hbm"})
+    assert resident == 1.0
 
 
 def test_concurrent_requests_for_several_experts_are_grouped_by_expert(

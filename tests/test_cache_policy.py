@@ -163,3 +163,15 @@ def test_a_budget_too_small_for_one_slot_names_the_key_and_the_fix(tmp_path: Pat
     message = str(err.value)
     assert "cache.hbm_bytes" in message and "Raise cache.hbm_bytes" in message
     assert "e0, e1, e2, again" in message
+
+
+def test_on_cuda_a_lone_architecture_sleeps_instead_of_holding_a_slot(tmp_path: Path) -> None:
+    data = pool_of(tmp_path, {"hbm_bytes": 3 * GIB + 4096})
+    lone = fake_checkpoint(tmp_path / "lone", hidden=16)
+    data["experts"].append({"name": "lone", "model": str(lone), "vllm": {"cpu_kv_cache_gib": 1}})
+    cfg = parse_config(data, tmp_path / "experts.yaml")
+    shared, solo = plan_groups(cfg, cuda=True)
+    assert solo.sleeps and solo.experts == ["lone"]
+    assert not shared.sleeps and shared.slots == 2  # 3 GiB less the sleeper's 1 GiB reservation
+    cpu_shared, cpu_solo = plan_groups(cfg, cuda=False)
+    assert not cpu_solo.sleeps and not cpu_shared.sleeps  # the CPU build cannot sleep

@@ -85,9 +85,9 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
     @click.option(
         "--experts", "n_experts", default=4, show_default=True, help="Experts sharing one slot."
     )
-    @click.option("--requests", default=64, show_default=True, help="Requests in the stream.")
+    @click.option("--requests", default=128, show_default=True, help="Requests in the stream.")
     @click.option("--tokens", default=32, show_default=True, help="Tokens decoded per request.")
-    @click.option("--rate", default=6.0, show_default=True, help="Arrivals per second (Poisson).")
+    @click.option("--rate", default=16.0, show_default=True, help="Arrivals per second (Poisson).")
     @click.option("--max-wait", default=2.0, show_default=True, help="Scheduler bound (s).")
     @click.option("--seed", default=0, show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")

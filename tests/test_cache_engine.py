@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client import REGISTRY
 
@@ -207,3 +209,32 @@ def test_a_broken_checkpoint_fails_its_requests_and_the_slot_serves_the_others(
     assert answers(pool, loop, "base") == references["base"]
     status = {row["expert"]: row for row in pool.cache_status()}
     assert status["corrupt"]["tier"] == Tier.DISK and status["corrupt"]["failed"]
+
+
+def test_a_crashed_slot_restarts_and_answers_with_the_expert_asked_for(
+    pool: EnginePool, references: dict[str, list[str]], loop: BackgroundLoop
+) -> None:
+    """Kill the slot's engine mid-request: that request fails at once; the next one for v1 gets
+    a restarted engine (which boots with base's weights) with v1 swapped back in. Runs last: it
+    costs an engine start."""
+    group = next(iter(pool.groups.values()))
+    slot = group.slots[0]
+    answers(pool, loop, "v1")
+    starts = slot.engine.starts
+
+    async def crash() -> None:
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        chunks = pool.engine_for("v1").stream(prompt("Count to one hundred."), long)
+        await chunks.__anext__()
+        for child in psutil.Process().children(recursive=True):
+            if "VLLM" in child.name():
+                child.kill()
+        t0 = time.perf_counter()
+        with pytest.raises(EngineError, match="died"):
+            async for _ in chunks:
+                pass
+        assert time.perf_counter() - t0 < 30
+
+    loop.run(crash())
+    assert answers(pool, loop, "v1") == references["v1"]
+    assert slot.engine.starts == starts + 1 and slot.in_flight == 0

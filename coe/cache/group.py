@@ -56,8 +56,6 @@ class SlotGroup:
         self.slots = slots
         self.residency = residency
         self.scheduler = Scheduler(slots, self, max_wait_s=max_wait_s, policy=policy)
-        self._signature: str | None = None
-        self._dtype: str | None = None
         self._start_lock = asyncio.Lock()
         self._staging: dict[str, asyncio.Task[None]] = {}
         self.started = False
@@ -109,6 +107,10 @@ class SlotGroup:
         self.prefetch(unit)
         slot = await self.scheduler.acquire(unit, work=sampling.max_tokens)
         try:
+            if slot.resident != unit:  # the scheduler's promise; never serve the wrong weights
+                raise EngineError(
+                    f"slot {slot.index} holds {slot.resident}, not {unit}", retryable=True
+                )
             async for chunk in slot.engine.stream(prompt, sampling, request_id):
                 yield chunk
             self.residency[unit].hits += 1
@@ -124,7 +126,7 @@ class SlotGroup:
         record = self.residency[unit]
         return record.host_slot is None or record.host_slot == slot
 
-    async def make_resident(self, slot: Slot, unit: str) -> None:  # type: ignore[override]
+    async def make_resident(self, slot: Slot, unit: str) -> None:
         if slot.needs_boot:
             log.warning("slot %s of %s restarts its engine", slot.index, self.key)
             await self._boot(slot)
@@ -144,7 +146,10 @@ class SlotGroup:
         if record.host_slot != slot.index and await self._reserve_host(unit, "checkpoint"):
             await self._stage(slot, unit)
         previous = slot.resident
-        slot.set_resident(None)  # unknown until the move completes
+        # Unknown until the move completes: if it fails half-way, nobody is resident.
+        slot.set_resident(None)
+        if previous is not None:
+            self.residency[previous].resident_slot = None
         try:
             if record.host_slot == slot.index:
                 info = await slot.rpc("coe_activate", unit)
@@ -159,8 +164,6 @@ class SlotGroup:
                 f"expert weights {unit} could not be loaded from {self.units[unit].path}: {exc}"
             ) from exc
         await slot.engine.reset_prefix_cache()
-        if previous is not None:
-            self.residency[previous].resident_slot = None
         record.resident_slot = slot.index
         record.swaps_in += 1
         slot.set_resident(unit)

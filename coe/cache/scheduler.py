@@ -141,7 +141,12 @@ class Scheduler:
             others = self._candidates(slot)
             # Past the bound, the slot drains: the resident expert's new requests wait.
             overdue = any(now - self.queues[e][0].enqueued >= self.max_wait_s for e in others)
-            if resident is not None and not overdue:
+            # Another expert has more queued work per second of switching than the resident has
+            # waiting: let the running batch finish and switch rather than queue more behind it.
+            outweighed = resident is not None and any(
+                self._value(e) > self._value(resident) for e in others
+            )
+            if resident is not None and not overdue and not outweighed:
                 self._grant_all(resident, slot)
             if others and slot.in_flight == 0:
                 self._start_switch(slot, self._pick(others, now))
@@ -184,11 +189,13 @@ class Scheduler:
         if overdue:
             return min(overdue, key=lambda e: self.queues[e][0].enqueued)
 
-        def value(e: str) -> float:
-            work = sum(t.work for t in self.queues[e])
-            return work / (self.switcher.switch_seconds(e) + SWITCH_OVERHEAD_S)
+        return max(candidates, key=lambda e: (self._value(e), -self.queues[e][0].enqueued))
 
-        return max(candidates, key=lambda e: (value(e), -self.queues[e][0].enqueued))
+    def _value(self, expert: str) -> float:
+        """Queued work (tokens) per second it takes to switch to the expert (plus a fixed
+        overhead, so a resident expert with no switch cost is not worth infinitely much)."""
+        work = sum(t.work for t in self.queues.get(expert, ()))
+        return work / (self.switcher.switch_seconds(expert) + SWITCH_OVERHEAD_S)
 
     def _holding(self, expert: str) -> SlotLike | None:
         for slot in self.slots:
@@ -202,8 +209,11 @@ class Scheduler:
 
     # --- actions
     def _grant_all(self, expert: str, slot: SlotLike) -> None:
+        """Admit the expert's queued requests up to the slot's batch capacity: requests beyond it
+        would only wait inside the engine, hidden from the choice of the next expert."""
         queue = self.queues.get(expert)
-        while queue:
+        capacity = getattr(slot, "capacity", None) or len(queue or ())
+        while queue and slot.in_flight < capacity:
             self._grant(queue[0], slot)
 
     def _grant(self, ticket: Ticket, slot: SlotLike) -> None:

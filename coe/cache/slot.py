@@ -16,6 +16,8 @@ class Slot:
         # The weights the engine loads when it (re)starts.
         self.boot_unit = boot_unit
         self.in_flight = 0
+        # Requests the engine runs at once; the scheduler admits no more than this.
+        self.capacity = engine.spec.options.max_num_seqs
         self._resident: str | None = None
         self._starts_seen = -1
 

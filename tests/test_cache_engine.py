@@ -126,10 +126,13 @@ def test_swapped_experts_answer_exactly_like_dedicated_engines(
     assert seen["v2"] != seen["v1"] and seen["v2"] != seen["base"]
     status = {row["expert"]: row for row in pool.cache_status()}
     assert status["v1"]["swaps_in"] >= 3 and status["base"]["swaps_in"] >= 2
-    moves = REGISTRY.get_sample_value(
-        "coe_weight_moves_total", {"from_tier": "host", "to_tier": "hbm"}
+    # Seven switches, each counted by where the weights came from (host or disk).
+    into_hbm = sum(
+        REGISTRY.get_sample_value("coe_weight_moves_total", {"from_tier": tier, "to_tier": "hbm"})
+        or 0.0
+        for tier in ("host", "disk")
     )
-    assert moves is not None and moves >= 5
+    assert into_hbm >= 7
     resident = REGISTRY.get_sample_value("coe_expert_residency", {"expert": "base", "tier": "hbm"})
     assert resident == 1.0
 

@@ -14,6 +14,7 @@ one checkpoint; they share its weights and its queue). The group implements the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -70,8 +71,7 @@ class SlotGroup:
             self.started = True
 
     async def _boot(self, slot: Slot) -> None:
-        await slot.boot()
-        # A fresh engine: whatever its worker held is gone.
+        # A fresh engine: whatever the old one's worker held is gone.
         for r in self.residency.records.values():
             if r.name not in self.units:
                 continue
@@ -79,12 +79,17 @@ class SlotGroup:
                 r.resident_slot = None
             if r.host_slot == slot.index:
                 r.host_slot, r.host_layout, r.host_bytes, r.loading = None, None, 0, False
+        await slot.boot()
         boot = self.residency[slot.boot_unit]
-        boot.resident_slot = slot.index
-        if self.residency.engine_layout_factor is None:
-            engine_bytes = await slot.rpc("coe_engine_bytes")
-            self.residency.engine_layout_factor = engine_bytes / max(1, boot.disk_bytes)
-        await self._capture(slot, slot.boot_unit)
+        if boot.resident_slot is not None:
+            # Another slot serves these weights: this one loads something else before use.
+            slot.set_resident(None)
+        else:
+            boot.resident_slot = slot.index
+            if self.residency.engine_layout_factor is None:
+                engine_bytes = await slot.rpc("coe_engine_bytes")
+                self.residency.engine_layout_factor = engine_bytes / max(1, boot.disk_bytes)
+            await self._capture(slot, slot.boot_unit)
         self.residency.publish()
 
     async def shutdown(self) -> None:
@@ -111,8 +116,12 @@ class SlotGroup:
                 raise EngineError(
                     f"slot {slot.index} holds {slot.resident}, not {unit}", retryable=True
                 )
-            async for chunk in slot.engine.stream(prompt, sampling, request_id):
-                yield chunk
+            # aclosing: if the caller goes away, the engine aborts the request before the slot
+            # is released (and may switch), so no request of this expert outlives its turn.
+            stream = slot.engine.stream(prompt, sampling, request_id)
+            async with contextlib.aclosing(stream) as chunks:  # type: ignore[type-var]
+                async for chunk in chunks:
+                    yield chunk
             self.residency[unit].hits += 1
             self.residency.notify()
         finally:
@@ -123,8 +132,9 @@ class SlotGroup:
         return self.residency.switch_seconds(unit)
 
     def can_serve(self, unit: str, slot: int) -> bool:
-        record = self.residency[unit]
-        return record.host_slot is None or record.host_slot == slot
+        """A host copy in a slot's worker serves only that slot (unless that slot is down)."""
+        home = self.residency[unit].host_slot
+        return home is None or home == slot or self.slots[home].needs_boot
 
     async def make_resident(self, slot: Slot, unit: str) -> None:
         if slot.needs_boot:
@@ -137,14 +147,18 @@ class SlotGroup:
         t0 = time.perf_counter()
         staging = self._staging.get(unit)
         if staging is not None:  # a prefetch is reading it: wait for that read, not a second one
-            await asyncio.shield(staging)
+            with contextlib.suppress(EngineError):
+                await asyncio.shield(staging)
         if record.failed and record.host_slot is None:
             raise EngineError(
                 f"expert weights {unit} could not be loaded from {self.units[unit].path}: "
                 f"{record.failed}"
             )
-        if record.host_slot != slot.index and await self._reserve_host(unit, "checkpoint"):
-            await self._stage(slot, unit)
+        if record.host_slot is not None and record.host_slot != slot.index:
+            # The prefetch put it in another slot's worker; this slot needs its own copy.
+            await self._drop(self.slots[record.host_slot], unit)
+        if record.host_slot != slot.index:
+            await self._start_load(slot, unit, below=None)  # False: no room, read from disk
         previous = slot.resident
         # Unknown until the move completes: if it fails half-way, nobody is resident.
         slot.set_resident(None)
@@ -182,83 +196,131 @@ class SlotGroup:
         """The router named this checkpoint: start reading it into host RAM if it is only on
         disk and room can be made without evicting anything worth more."""
         record = self.residency[unit]
-        if record.tier is not Tier.DISK or unit in self._staging or not self.started:
+        busy = record.tier is not Tier.DISK or record.host_slot is not None
+        if busy or unit in self._staging or not self.started:
             return
-        slot = min(self.slots, key=lambda s: self._host_bytes_in(s.index))
-        task = asyncio.get_running_loop().create_task(self._prefetch(slot, unit))
+        slot = min(self.slots, key=lambda s: (s.needs_boot, self._host_bytes_in(s.index)))
+        self._start_load(slot, unit, below=self.residency.expected_cost(unit))
+
+    def _start_load(self, slot: Slot, unit: str, below: float | None) -> asyncio.Task[bool]:
+        """DISK → HOST as a task of its own, registered so that nobody starts a second one."""
+        task = asyncio.get_running_loop().create_task(self._load_to_host(slot, unit, below))
         self._staging[unit] = task
-        task.add_done_callback(lambda _: self._staging.pop(unit, None))
 
-    async def _prefetch(self, slot: Slot, unit: str) -> None:
-        value = self.residency.expected_cost(unit)
-        if await self._reserve_host(unit, "checkpoint", below=value):
-            try:
-                await self._stage(slot, unit)
-            except EngineError as exc:
-                log.warning("prefetch of %s failed: %s", unit, exc)
+        def done(finished: asyncio.Task[bool]) -> None:
+            if self._staging.get(unit) is finished:
+                del self._staging[unit]
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("reading %s into host RAM failed: %s", unit, finished.exception())
 
-    async def _reserve_host(self, unit: str, layout: str, below: float | None = None) -> bool:
+        task.add_done_callback(done)
+        return task
+
+    async def _load_to_host(self, slot: Slot, unit: str, below: float | None) -> bool:
+        """False if no room could be made; raises EngineError if the checkpoint is unreadable."""
+        if not await self._reserve_host(slot, unit, "checkpoint", below):
+            return False
+        await self._stage(slot, unit)
+        return True
+
+    async def _reserve_host(
+        self, slot: Slot, unit: str, layout: str, below: float | None = None
+    ) -> bool:
+        """Make room for `unit` in `slot`'s host tier and claim it.
+
+        Victims are unclaimed and the room claimed before the first await, so concurrent
+        reservations (a prefetch, another slot's switch) never count the same free bytes twice.
+        """
         need = self.residency.host_estimate(unit, layout)
-        victims = self.residency.host_victims(need, protect={unit}, below=below)
+        protect = {unit} | self._busy_units()
+        victims = self.residency.host_victims(need, protect=protect, below=below)
         if victims is None:
             return False
+        dropped: list[tuple[Slot, str]] = []
         for victim in victims:
-            record = self.residency[victim]
+            v = self.residency[victim]
             owner: SlotGroup = self.residency.owners.get(victim, self)
-            if record.host_slot is not None:
-                await owner._drop(owner.slots[record.host_slot], victim)
+            assert v.host_slot is not None
+            dropped.append((owner.slots[v.host_slot], victim))
+            v.host_slot, v.host_layout, v.host_bytes, v.loading = None, None, 0, False
+        record = self.residency[unit]
+        record.host_slot, record.host_layout, record.host_bytes = slot.index, layout, need
+        record.loading = layout == "checkpoint"
+        for victim_slot, victim in dropped:
+            if not victim_slot.needs_boot:
+                await victim_slot.rpc("coe_drop", victim)
             self.residency.record_move(victim, Tier.HOST, Tier.DISK, 0.0)
         return True
 
+    def _busy_units(self) -> set[str]:
+        """Checkpoints with queued requests or a switch under way, in every group: evicting
+        their host copy now would only mean reading them again in a moment."""
+        busy: set[str] = set()
+        for group in {id(g): g for g in [self, *self.residency.owners.values()]}.values():
+            busy |= group.scheduler.busy()
+        return busy
+
     async def _stage(self, slot: Slot, unit: str) -> None:
-        """DISK → HOST: the worker reads the checkpoint in a thread; poll (without blocking the
-        engine's loop) until it is done. Raises EngineError if the checkpoint cannot be read."""
+        """DISK → HOST into the room `_reserve_host` claimed: the worker reads the checkpoint in
+        a thread; poll (without blocking the engine's loop) until it is done. Raises EngineError
+        if the checkpoint cannot be read."""
         record = self.residency[unit]
-        record.loading = True
-        record.host_slot = slot.index
-        record.host_layout = "checkpoint"
-        record.host_bytes = record.disk_bytes
         t0 = time.perf_counter()
-        await slot.rpc("coe_stage", unit, self.units[unit].path)
-        while True:
-            state = await slot.rpc("coe_wait_staged", unit, 0.0)
-            if state["state"] == "staged":
-                record.loading = False
-                record.host_bytes = state["bytes"]
-                self.residency.bandwidth.observe("disk_to_host", state["bytes"], state["seconds"])
-                self.residency.record_move(unit, Tier.DISK, Tier.HOST, time.perf_counter() - t0)
-                return
-            if state["state"] != "loading":
-                record.loading = False
+        try:
+            await slot.rpc("coe_stage", unit, self.units[unit].path)
+            while True:
+                state = await slot.rpc("coe_wait_staged", unit, 0.0)
+                if state["state"] == "staged":
+                    record.loading = False
+                    record.host_bytes = state["bytes"]
+                    self.residency.bandwidth.observe(
+                        "disk_to_host", state["bytes"], state["seconds"]
+                    )
+                    self.residency.record_move(unit, Tier.DISK, Tier.HOST, time.perf_counter() - t0)
+                    return
+                if state["state"] != "loading":
+                    record.failed = state.get("error", "the host copy disappeared")
+                    raise EngineError(
+                        f"expert weights {unit} could not be loaded from "
+                        f"{self.units[unit].path}: {record.failed}"
+                    )
+                await asyncio.sleep(POLL_S)
+        except BaseException:
+            if record.host_slot == slot.index and record.host_layout == "checkpoint":
                 record.host_slot, record.host_layout, record.host_bytes = None, None, 0
-                record.failed = state.get("error", "the host copy disappeared")
-                self.residency.publish()
-                raise EngineError(
-                    f"expert weights {unit} could not be loaded from {self.units[unit].path}: "
-                    f"{record.failed}"
-                )
-            await asyncio.sleep(POLL_S)
+            record.loading = False
+            self.residency.publish()
+            raise
 
     async def _capture(self, slot: Slot, unit: str) -> None:
-        """Keep the engine-layout copy of the resident checkpoint if the host budget allows."""
+        """Keep the engine-layout copy of the checkpoint resident in `slot` if the host budget
+        allows. It replaces any other host copy of the checkpoint."""
         record = self.residency[unit]
-        if record.host_slot == slot.index and record.host_layout == "checkpoint":
-            await self._drop(slot, unit)  # the capture replaces it
-        if not await self._reserve_host(unit, "engine"):
+        staged_here = record.host_slot == slot.index and record.host_layout == "checkpoint"
+        if record.host_slot is not None and record.host_slot != slot.index:
+            await self._drop(self.slots[record.host_slot], unit)
+        record.host_slot, record.host_layout, record.host_bytes = None, None, 0
+        record.loading = False
+        if not await self._reserve_host(slot, unit, "engine"):
+            if staged_here and not slot.needs_boot:
+                await slot.rpc("coe_drop", unit)
             log.info("host tier full: %s stays only in slot %s", unit, slot.index)
+            self.residency.publish()
             return
-        info = await slot.rpc("coe_capture", unit)
-        record.host_slot = slot.index
-        record.host_layout = "engine"
+        try:
+            info = await slot.rpc("coe_capture", unit)  # also frees the staged copy
+        except BaseException:
+            record.host_slot, record.host_layout, record.host_bytes = None, None, 0
+            raise
         record.host_bytes = info["bytes"]
         self.residency.publish()
 
     async def _drop(self, slot: Slot, unit: str) -> None:
         record = self.residency[unit]
-        if not slot.needs_boot:
-            await slot.rpc("coe_drop", unit)
         record.host_slot, record.host_layout, record.host_bytes = None, None, 0
         record.loading = False
+        if not slot.needs_boot:
+            await slot.rpc("coe_drop", unit)
 
     def _host_bytes_in(self, index: int) -> int:
         return sum(r.host_bytes for r in self.residency.records.values() if r.host_slot == index)

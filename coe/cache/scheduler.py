@@ -113,6 +113,10 @@ class Scheduler:
     def waiting(self, expert: str) -> int:
         return len(self.queues.get(expert, ()))
 
+    def busy(self) -> set[str]:
+        """Experts with requests waiting or a slot switching to them."""
+        return {e for e, q in self.queues.items() if q} | self._incoming()
+
     async def close(self) -> None:
         for task in list(self._switch_tasks):
             task.cancel()

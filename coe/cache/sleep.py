@@ -97,10 +97,11 @@ class SleepPlanner:
             free += engine.hbm_bytes
         return plan if free >= target.hbm_bytes else None
 
-    def applied(self, plan: list[tuple[str, int]], woken: str) -> None:
+    def applied(self, plan: list[tuple[str, int]], woken: str | None) -> None:
         for name, level in plan:
             self.engines[name].awake, self.engines[name].level = False, level
-        self.engines[woken].awake, self.engines[woken].level = True, 0
+        if woken is not None:
+            self.engines[woken].awake, self.engines[woken].level = True, 0
 
 
 class SleepCoordinator:
@@ -130,8 +131,11 @@ class SleepCoordinator:
             self._changed.notify_all()
 
     async def _apply(self, plan: list[tuple[str, int]], name: str) -> None:
+        # State follows each step as it happens: a caller cancelled half-way must not leave the
+        # planner believing a sleeping engine is awake.
         for victim, level in plan:
             await self.engines[victim].sleep(level)
+            self.planner.applied([(victim, level)], None)
         engine = self.engines[name]
         state = self.planner.engines[name]
         if not engine.ready:
@@ -140,7 +144,7 @@ class SleepCoordinator:
             await engine.wake_up()
             if state.level == 2:  # its weights were dropped: read them again
                 await engine.rpc("coe_load_path", self.paths[name])
-        self.planner.applied(plan, name)
+        self.planner.applied([], name)
 
 
 class SleepingExpertEngine:

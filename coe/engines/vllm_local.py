@@ -193,15 +193,19 @@ class VllmLocalEngine:
         rid = request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
-            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
-                seq = out.outputs[0]
-                completion_tokens += len(seq.token_ids)
-                if out.finished:
-                    usage = Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens)
-                    yield Chunk(text=seq.text, finish_reason=seq.finish_reason, usage=usage)
-                    return
-                if seq.text:
-                    yield Chunk(text=seq.text)
+            outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
+            # aclosing: a caller that stops reading aborts the request in the engine at once,
+            # not whenever the generator happens to be garbage-collected.
+            async with contextlib.aclosing(outputs) as results:
+                async for out in results:
+                    seq = out.outputs[0]
+                    completion_tokens += len(seq.token_ids)
+                    if out.finished:
+                        usage = Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens)
+                        yield Chunk(text=seq.text, finish_reason=seq.finish_reason, usage=usage)
+                        return
+                    if seq.text:
+                        yield Chunk(text=seq.text)
         except EngineDeadError as exc:
             raise EngineError(
                 f"engine {self.name} died while serving the request; it restarts on the next one",
@@ -230,8 +234,15 @@ class VllmLocalEngine:
         return results[0]
 
     async def reset_prefix_cache(self) -> None:
-        """Forget cached KV blocks: they were computed with the previous expert's weights."""
-        await self._llm.reset_prefix_cache()
+        """Forget cached KV blocks: they were computed with the previous expert's weights.
+
+        vLLM refuses while requests still hold blocks (an abort still on its way): retry
+        briefly, then fail rather than let a new expert reuse another's KV cache."""
+        for _ in range(100):
+            if await self._llm.reset_prefix_cache():
+                return
+            await asyncio.sleep(0.02)
+        raise EngineError(f"engine {self.name} could not reset its prefix cache", retryable=True)
 
     async def sleep(self, level: int) -> None:
         await self._llm.sleep(level)

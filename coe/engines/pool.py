@@ -87,6 +87,11 @@ class EnginePool:
     def engine_for(self, expert: str) -> Engine:
         return self._for_expert[expert]
 
+    @property
+    def engines(self) -> list[Engine]:
+        """Engines outside weight-cache groups, one per distinct backend."""
+        return list(self._by_key.values())
+
     def _owner(self, expert: str) -> Engine | SlotGroup:
         engine = self._for_expert[expert]
         return engine.group if isinstance(engine, SlotExpertEngine) else engine

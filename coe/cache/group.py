@@ -78,7 +78,7 @@ class SlotGroup:
             if r.resident_slot == slot.index:
                 r.resident_slot = None
             if r.host_slot == slot.index:
-                r.host_slot, r.host_layout, r.host_bytes, r.loading = None, None, 0, False
+                r.forget_host()
         await slot.boot()
         boot = self.residency[slot.boot_unit]
         if boot.resident_slot is not None:
@@ -242,7 +242,7 @@ class SlotGroup:
             owner: SlotGroup = self.residency.owners.get(victim, self)
             assert v.host_slot is not None
             dropped.append((owner.slots[v.host_slot], victim))
-            v.host_slot, v.host_layout, v.host_bytes, v.loading = None, None, 0, False
+            v.forget_host()
         record = self.residency[unit]
         record.host_slot, record.host_layout, record.host_bytes = slot.index, layout, need
         record.loading = layout == "checkpoint"
@@ -287,7 +287,7 @@ class SlotGroup:
                 await asyncio.sleep(POLL_S)
         except BaseException:
             if record.host_slot == slot.index and record.host_layout == "checkpoint":
-                record.host_slot, record.host_layout, record.host_bytes = None, None, 0
+                record.forget_host()
             record.loading = False
             self.residency.publish()
             raise
@@ -299,8 +299,7 @@ class SlotGroup:
         staged_here = record.host_slot == slot.index and record.host_layout == "checkpoint"
         if record.host_slot is not None and record.host_slot != slot.index:
             await self._drop(self.slots[record.host_slot], unit)
-        record.host_slot, record.host_layout, record.host_bytes = None, None, 0
-        record.loading = False
+        record.forget_host()  # the capture replaces whatever copy there was
         if not await self._reserve_host(slot, unit, "engine"):
             if staged_here and not slot.needs_boot:
                 await slot.rpc("coe_drop", unit)
@@ -310,15 +309,13 @@ class SlotGroup:
         try:
             info = await slot.rpc("coe_capture", unit)  # also frees the staged copy
         except BaseException:
-            record.host_slot, record.host_layout, record.host_bytes = None, None, 0
+            record.forget_host()
             raise
         record.host_bytes = info["bytes"]
         self.residency.publish()
 
     async def _drop(self, slot: Slot, unit: str) -> None:
-        record = self.residency[unit]
-        record.host_slot, record.host_layout, record.host_bytes = None, None, 0
-        record.loading = False
+        self.residency[unit].forget_host()
         if not slot.needs_boot:
             await slot.rpc("coe_drop", unit)
 

@@ -81,20 +81,20 @@ def plan_groups(config: PoolConfig, cuda: bool | None = None) -> list[GroupPlan]
         if kv is None:
             kv = plan.template.vllm.cpu_kv_cache_gib * GIB
         plan.slot_bytes = max(plan.unit_bytes.values()) + kv
-    if cuda is None:
-        cuda = cuda_available()
     _deal_slots(config, groups, cuda)
     return groups
 
 
-def _deal_slots(config: PoolConfig, groups: list[GroupPlan], cuda: bool) -> None:
+def _deal_slots(config: PoolConfig, groups: list[GroupPlan], cuda: bool | None) -> None:
     budget = config.cache.hbm_bytes
     if budget is None:
         for plan in groups:
             plan.slots = len(plan.units)
         return
     # With sleep mode, lone checkpoints share what the slot groups leave (at least the largest).
-    sleepers = [p for p in groups if cuda and len(p.units) == 1] if len(groups) > 1 else []
+    sleepers: list[GroupPlan] = []
+    if len(groups) > 1 and (cuda if cuda is not None else cuda_available()):  # imports torch
+        sleepers = [p for p in groups if len(p.units) == 1]
     for plan in sleepers:
         plan.sleeps, plan.slots = True, 1
     groups = [p for p in groups if not p.sleeps]

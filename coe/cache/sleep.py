@@ -160,8 +160,7 @@ class SleepingExpertEngine:
         return bool(self.coordinator.engines[self.unit].ready)
 
     async def start(self) -> None:
-        engine = await self.coordinator.acquire(self.unit)
-        del engine
+        await self.coordinator.acquire(self.unit)  # starts (or wakes) the engine
         await self.coordinator.release(self.unit)
 
     async def stream(self, prompt: Any, sampling: Any, request_id: str | None = None) -> Any:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,18 @@ class StatusFile:
         self.min_interval_s = min_interval_s
         self._last = 0.0
 
-    def write(self, rows: list[dict[str, Any]], force: bool = False) -> None:
+    def write(self, rows: Callable[[], list[dict[str, Any]]], force: bool = False) -> None:
+        """`rows` is called only when the file is due: requests notify on every completion."""
         now = time.monotonic()
         if not force and now - self._last < self.min_interval_s:
             return
         self._last = now
-        body = {"pid": os.getpid(), "config": self.config, "updated": time.time(), "experts": rows}
+        body = {
+            "pid": os.getpid(),
+            "config": self.config,
+            "updated": time.time(),
+            "experts": rows(),
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")

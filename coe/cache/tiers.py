@@ -40,6 +40,10 @@ class ExpertResidency:
             return Tier.HOST
         return Tier.DISK
 
+    def forget_host(self) -> None:
+        """No host copy any more (evicted, replaced, or its worker restarted)."""
+        self.host_slot, self.host_layout, self.host_bytes, self.loading = None, None, 0, False
+
     def note_request(self, now: float, half_life_s: float) -> None:
         self._rate = self.rate(now, half_life_s) + math.log(2) / half_life_s
         self._rate_at = now

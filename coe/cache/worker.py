@@ -156,39 +156,29 @@ class SlotWorker:
     def _coe_itemsize(self) -> int:
         return torch.tensor([], dtype=self.model_config.dtype).element_size()  # type: ignore[attr-defined]
 
+    def _coe_linears(self) -> dict[str, Any]:
+        """The CPU build's packed-linear closures by module name (none on CUDA)."""
+        modules = self._coe_model().named_modules()
+        return {name: m.__dict__["cpu_linear"] for name, m in modules if "cpu_linear" in m.__dict__}
+
     def coe_engine_bytes(self) -> int:
         """Bytes one expert takes in engine layout, without copying anything."""
-        model = self._coe_model()
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        total = sum(p.numel() * p.element_size() for p in self._coe_model().parameters())
         itemsize = self._coe_itemsize()
-        for module in model.modules():
-            fn = module.__dict__.get("cpu_linear")
-            if fn is not None:
-                total += _closure_bytes(fn, itemsize)
-        return total
+        return total + sum(_closure_bytes(fn, itemsize) for fn in self._coe_linears().values())
 
     def coe_capture(self, expert: str) -> dict[str, Any]:
         """Keep the engine's current weights, as they are now, as this expert's host copy."""
         staged, captured = self._coe_state()
-        model = self._coe_model()
         pin = self._coe_pin()
         params: dict[str, torch.Tensor] = {}
-        nbytes = 0
-        for name, param in model.named_parameters():
+        for name, param in self._coe_model().named_parameters():
             if param.numel() == _EMPTIED:
                 continue
-            copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=pin).copy_(
-                param.data
-            )
-            params[name] = copy
-            nbytes += copy.numel() * copy.element_size()
-        linears: dict[str, Any] = {}
-        itemsize = self._coe_itemsize()
-        for name, module in model.named_modules():
-            fn = module.__dict__.get("cpu_linear")
-            if fn is not None:
-                linears[name] = fn
-                nbytes += _closure_bytes(fn, itemsize)
+            copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=pin)
+            params[name] = copy.copy_(param.data)
+        linears = self._coe_linears()
+        nbytes = self.coe_engine_bytes()
         captured[expert] = _Captured(params=params, linears=linears, nbytes=nbytes)
         # The engine layout replaces the checkpoint layout: it is the faster one to load.
         staged.pop(expert, None)
@@ -203,14 +193,6 @@ class SlotWorker:
         if expert in staged:
             freed += staged.pop(expert).nbytes
         return freed
-
-    def coe_host(self) -> dict[str, dict[str, Any]]:
-        staged, captured = self._coe_state()
-        out = {n: {"layout": "engine", "bytes": c.nbytes} for n, c in captured.items()}
-        for n, s in staged.items():
-            state = "staged" if s.done.is_set() and s.error is None else "loading"
-            out.setdefault(n, {"layout": "checkpoint", "bytes": s.nbytes, "state": state})
-        return out
 
     # --- HBM tier (the engine itself) -------------------------------------------------------
     def coe_activate(self, expert: str) -> dict[str, Any]:

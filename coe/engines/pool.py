@@ -82,7 +82,7 @@ class EnginePool:
         if self.groups:
             status = self._status = StatusFile(config.source)
             residency = next(iter(self.groups.values())).residency
-            residency.listeners.append(lambda force: status.write(self.cache_status(), force))
+            residency.listeners.append(lambda force: status.write(self.cache_status, force))
 
     def engine_for(self, expert: str) -> Engine:
         return self._for_expert[expert]

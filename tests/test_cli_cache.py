@@ -91,3 +91,9 @@ def test_experts_shows_planned_tiers_for_a_pool_with_fewer_slots_than_checkpoint
     assert rows["variant"]["tier"] == "disk"
     assert rows["variant"]["bytes"] > 500_000_000
     assert rows["base"]["slot_group"] == rows["variant"]["slot_group"]
+
+
+def test_bench_pool_needs_at_least_two_experts() -> None:
+    result = coe("bench", "pool", "--experts", "1", timeout=60)
+    assert result.returncode == 2
+    assert "at least 2 experts share the slot" in result.stderr

@@ -1,4 +1,4 @@
-"""The `coe` command line: ask, chat, experts, models.
+"""The `coe` command line: ask, chat, serve, experts, models, bench.
 
 Every command reads the pool from --config, else $COE_CONFIG, else ./experts.yaml, else the
 project's default experts.yaml.
@@ -19,6 +19,7 @@ import click
 
 from coe import __version__
 from coe.cli_cache import register as register_cache_commands
+from coe.cli_gateway import register as register_gateway_commands
 from coe.cli_router import register as register_router_commands
 from coe.config import PREPARED_PREFIX, ConfigError, PoolConfig, load_config
 from coe.engines.vllm_local import quiet_vllm_logs
@@ -439,6 +440,7 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
 
 register_router_commands(main, bench, pass_ctx)
 register_cache_commands(main, bench, pass_ctx)
+register_gateway_commands(main, bench, pass_ctx)
 
 if __name__ == "__main__":
     main()

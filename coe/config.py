@@ -138,6 +138,43 @@ class StoreSettings(_Strict):
     url: str | None = None
 
 
+class RateLimits(_Strict):
+    """Per API key, per minute. None: unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    # Prompt plus completion tokens; a request is admitted while the key has tokens left, and its
+    # usage is charged when it finishes.
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+
+class ApiKey(_Strict):
+    """A client key of the gateway. Only its SHA-256 is kept (`coe keys new` makes one)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # None: the gateway's default limits.
+    limits: RateLimits | None = None
+
+
+class ResponseCacheSettings(_Strict):
+    enabled: bool = True
+    ttl_s: int = Field(3600, ge=1)
+    # Also cache requests that sample (temperature > 0 without a seed): repeats get the same text.
+    nondeterministic: bool = False
+
+
+class GatewaySettings(_Strict):
+    """`coe serve`: the OpenAI-compatible HTTP gateway."""
+
+    # No keys (here or in $COE_API_KEYS): no authentication, for local use.
+    api_keys: list[ApiKey] = []
+    limits: RateLimits = RateLimits()
+    response_cache: ResponseCacheSettings = ResponseCacheSettings()
+    # A multi-turn conversation stays with the expert that answered it for this long.
+    session_ttl_s: int = Field(3600, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+
 class PoolConfig(_Strict):
     version: Literal[1] = 1
     experts: list[Expert] = Field(min_length=1)
@@ -145,6 +182,7 @@ class PoolConfig(_Strict):
     router: RouterSettings = RouterSettings()
     cache: CacheBudgets = CacheBudgets()
     store: StoreSettings = StoreSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     # Set by the loader, not by the file.
     source: Path | None = Field(None, exclude=True)

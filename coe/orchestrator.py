@@ -124,13 +124,19 @@ class Orchestrator:
         expert: str | None = None,
         system: str | None = None,
         request_id: str | None = None,
+        decision: RouteDecision | None = None,
         **sampling: Any,
     ) -> tuple[RouteDecision, Prompt, AsyncIterator[Chunk]]:
-        """Route and shape now; return the decision, the final prompt and the token stream."""
+        """Route and shape now; return the decision, the final prompt and the token stream.
+
+        A caller that already decided (the gateway: a sticky session, several choices of one
+        request) passes ``decision`` and routing is skipped.
+        """
         msgs = to_messages(messages)
         if not any(m.role == "user" for m in msgs):
             raise ValueError("the conversation has no user message")
-        decision = self.route(msgs, expert)
+        if decision is None:
+            decision = self.route(msgs, expert)
         # The decision is the weight cache's prefetch signal: start moving the expert up now,
         # before the request reaches the head of its queue.
         prefetch = getattr(self.engines, "prefetch", None)

@@ -1,0 +1,234 @@
+"""`coe bench gateway`: what the HTTP gateway adds on top of the engine, measured in one run.
+
+The same request (same expert, prompt and sampling) goes straight to the engine and through the
+gateway over loopback HTTP, interleaved so that both see the same machine state. Both start from
+the same (main) thread: the direct call hops to the engine's event loop, the gateway call goes
+through a keep-alive HTTP connection. The response cache is skipped for these requests
+(x-coe-cache-control: no-cache); its hits are timed separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from coe.engines.base import Message, collect
+from coe.gateway.server import GatewayServer
+from coe.orchestrator import Orchestrator
+from coe.runtime import BackgroundLoop
+
+PROMPT = "Name the largest planet in the solar system."
+CONCURRENCY = 16
+TARGET_OVERHEAD_P50_MS = 3.0
+TARGET_CACHE_HIT_P50_MS = 2.0
+
+
+def _ms(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+@dataclass
+class GatewayBench:
+    expert: str
+    requests: int
+    tokens: int
+    direct_p50_ms: float
+    direct_p99_ms: float
+    gateway_p50_ms: float
+    gateway_p99_ms: float
+    overhead_p50_ms: float
+    overhead_p99_ms: float
+    auto_p50_ms: float
+    cache_hit_p50_ms: float
+    cache_hit_p99_ms: float
+    direct_requests_s: float
+    gateway_requests_s: float
+    concurrency: int
+    target_overhead_p50_ms: float = TARGET_OVERHEAD_P50_MS
+    target_cache_hit_p50_ms: float = TARGET_CACHE_HIT_P50_MS
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def print_table(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(
+            title=f"gateway benchmark: expert {self.expert}, {self.tokens} token(s), "
+            f"{self.requests} requests per measurement"
+        )
+        for col in ("measure", "p50 ms", "p99 ms", "note"):
+            table.add_column(col)
+        table.add_row(
+            "straight to the engine", f"{self.direct_p50_ms}", f"{self.direct_p99_ms}", "reference"
+        )
+        table.add_row(
+            "through the gateway",
+            f"{self.gateway_p50_ms}",
+            f"{self.gateway_p99_ms}",
+            f"model {self.expert}, non-streaming",
+        )
+        table.add_row(
+            "gateway overhead",
+            f"{self.overhead_p50_ms}",
+            f"{self.overhead_p99_ms}",
+            f"target p50 <= {self.target_overhead_p50_ms} ms",
+        )
+        table.add_row("through the gateway, model auto", f"{self.auto_p50_ms}", "", "adds routing")
+        table.add_row(
+            "response-cache hit",
+            f"{self.cache_hit_p50_ms}",
+            f"{self.cache_hit_p99_ms}",
+            f"target p50 <= {self.target_cache_hit_p50_ms} ms",
+        )
+        Console().print(table)
+        print(
+            f"throughput at {self.concurrency} concurrent requests: gateway "
+            f"{self.gateway_requests_s} req/s, "
+            f"straight to the engine {self.direct_requests_s} req/s"
+        )
+
+
+def run_gateway_bench(
+    orch: Orchestrator,
+    runner: BackgroundLoop,
+    expert: str,
+    requests: int,
+    tokens: int,
+    max_seconds: float,
+) -> GatewayBench:
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        return _measure(orch, runner, server, expert, requests, tokens, max_seconds)
+    finally:
+        server.stop()
+
+
+def _measure(
+    orch: Orchestrator,
+    runner: BackgroundLoop,
+    server: GatewayServer,
+    expert: str,
+    requests: int,
+    tokens: int,
+    max_seconds: float,
+) -> GatewayBench:
+    chosen = orch.config.expert(expert)
+    prompt = orch.build_prompt(chosen, [Message("user", PROMPT)])
+    params = orch.sampling_for(chosen, max_tokens=tokens, temperature=0.0)
+    engine = orch.engines.engine_for(expert)
+    body = {
+        "model": expert,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "temperature": 0,
+    }
+    no_cache = {"x-coe-cache-control": "no-cache"}
+    budget = max_seconds / 4  # four timed phases share the time bound
+
+    def direct() -> None:
+        runner.run(collect(engine.stream(prompt, params)))
+
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+
+        def through(model: str = expert, headers: dict[str, str] | None = no_cache) -> None:
+            r = http.post("/v1/chat/completions", json={**body, "model": model}, headers=headers)
+            r.raise_for_status()
+
+        for _ in range(5):  # warm both paths (connections, first-request allocations)
+            direct()
+            through()
+        direct_s, gateway_s = [], []
+        t_end = time.monotonic() + budget
+        for _ in range(requests):
+            for fn, out in ((direct, direct_s), (through, gateway_s)):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+            if time.monotonic() > t_end:
+                break
+        auto_s = []
+        t_end = time.monotonic() + budget
+        for _ in range(min(requests, 50)):
+            t0 = time.perf_counter()
+            through("auto")
+            auto_s.append(time.perf_counter() - t0)
+            if time.monotonic() > t_end:
+                break
+        through(headers={})  # a miss that fills the cache
+        hits = []
+        t_end = time.monotonic() + budget
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            r = http.post("/v1/chat/completions", json=body)
+            hits.append(time.perf_counter() - t0)
+            if r.headers.get("x-coe-cache") != "hit":
+                raise RuntimeError("the repeated request was not answered from the cache")
+            if time.monotonic() > t_end:
+                break
+
+    direct_rps = runner.run(_direct_rate(engine, prompt, params, requests, budget))
+    # The HTTP clients run on a loop of their own (this thread), not on the server's loop.
+    gateway_rps = asyncio.run(_gateway_rate(server.url, body, no_cache, requests, budget))
+    overhead = [g - d for g, d in zip(gateway_s, direct_s, strict=True)]
+    return GatewayBench(
+        expert=expert,
+        requests=len(gateway_s),
+        tokens=tokens,
+        direct_p50_ms=_ms(direct_s, 0.5),
+        direct_p99_ms=_ms(direct_s, 0.99),
+        gateway_p50_ms=_ms(gateway_s, 0.5),
+        gateway_p99_ms=_ms(gateway_s, 0.99),
+        overhead_p50_ms=round(1000 * statistics.median(overhead), 3),
+        overhead_p99_ms=_ms(overhead, 0.99),
+        auto_p50_ms=_ms(auto_s, 0.5),
+        cache_hit_p50_ms=_ms(hits, 0.5),
+        cache_hit_p99_ms=_ms(hits, 0.99),
+        direct_requests_s=direct_rps,
+        gateway_requests_s=gateway_rps,
+        concurrency=CONCURRENCY,
+    )
+
+
+async def _direct_rate(engine: Any, prompt: Any, params: Any, count: int, budget: float) -> float:
+    async def one() -> None:
+        await collect(engine.stream(prompt, params))
+
+    return await _rate(one, count, budget)
+
+
+async def _gateway_rate(
+    url: str, body: dict[str, Any], headers: dict[str, str], count: int, budget: float
+) -> float:
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+        async def one() -> None:
+            r = await http.post("/v1/chat/completions", json=body, headers=headers)
+            r.raise_for_status()
+
+        return await _rate(one, count, budget)
+
+
+async def _rate(one: Any, count: int, budget: float) -> float:
+    """Requests per second with CONCURRENCY in flight, over ``count`` requests or ``budget`` s."""
+    done = 0
+    t_end = time.monotonic() + budget
+
+    async def worker() -> None:
+        nonlocal done
+        while done < count and time.monotonic() < t_end:
+            done += 1
+            await one()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return round(done / (time.perf_counter() - t0), 1)

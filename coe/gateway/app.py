@@ -1,0 +1,210 @@
+"""The FastAPI app: OpenAI-compatible endpoints over one ChatService. Handlers stay thin; the
+work is in service.py, the shapes in schema.py, the failures in errors.py.
+
+No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at
+runtime, and the dependencies they name are local to create_app.
+"""
+
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coe import __version__
+from coe.gateway import errors, metrics
+from coe.gateway.auth import Client, KeyRing
+from coe.gateway.errors import rate_limited, too_large, unauthorized
+from coe.gateway.schema import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    RouteRequest,
+    RouteResponse,
+    StoreHealth,
+)
+from coe.gateway.service import CACHE_CONTROL_HEADER, SESSION_HEADER, Call, ChatService
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+# Every /v1 endpoint may answer these; the chat endpoint adds its own.
+COMMON_ERRORS = _errors(400, 401, 413, 429)
+bearer = HTTPBearer(auto_error=False, description="An API key, when the gateway has keys.")
+
+
+def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
+    app = FastAPI(
+        title="coe gateway",
+        version=__version__,
+        summary="A pool of expert LLMs served as one OpenAI-compatible model.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    errors.install(app)
+    paths = {"/v1/chat/completions", "/v1/models", "/v1/route", "/health", "/metrics"}
+    app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, endpoints=paths)
+    store = service.store
+
+    async def client(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Client:
+        peer = request.client.host if request.client else "unknown"
+        header = request.headers.get("authorization")
+        found = keys.identify(header, peer)
+        if found is None:
+            raise unauthorized(
+                "Missing API key: send Authorization: Bearer KEY"
+                if not header
+                else "Incorrect API key provided"
+            )
+        return found
+
+    async def limited(found: Annotated[Client, Depends(client)]) -> Client:
+        limits = found.limits
+        decision = await store.admit(
+            found.subject, limits.requests_per_minute, limits.tokens_per_minute
+        )
+        if not decision.allowed:
+            metrics.RATE_LIMITED.labels(decision.limit or "requests").inc()
+            raise rate_limited(decision.limit, decision.retry_after_s)
+        return found
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "The completion, or server-sent chunks when stream is true.",
+            },
+            **COMMON_ERRORS,
+            **_errors(404, 503),
+        },
+    )
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, found: Annotated[Client, Depends(limited)]
+    ) -> Response:
+        call = Call(
+            body,
+            found,
+            session=request.headers.get(SESSION_HEADER),
+            cache_control=request.headers.get(CACHE_CONTROL_HEADER),
+        )
+        if body.stream:
+            headers, events = await service.stream(call)
+            headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        completion, headers = await service.complete(call)
+        return JSONResponse(completion.model_dump(), headers=headers)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
+    async def list_models(found: Annotated[Client, Depends(client)]) -> ModelList:
+        return service.models()
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_errors(401, 404))
+    async def get_model(model_id: str, found: Annotated[Client, Depends(client)]) -> ModelCard:
+        return service.model(model_id)
+
+    @app.post(
+        "/v1/route", response_model=RouteResponse, responses={**COMMON_ERRORS, **_errors(404)}
+    )
+    async def route(
+        body: RouteRequest, found: Annotated[Client, Depends(limited)]
+    ) -> RouteResponse:
+        """Where a conversation would go, without generating."""
+        messages = [m.to_message() for m in body.messages]
+        decision, _ = await service.decide(body.model, messages)
+        return RouteResponse.model_validate(decision.as_dict())
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health() -> JSONResponse:
+        store_up = await store.ping()
+        metrics.STORE_HEALTHY.set(1 if store_up else 0)
+        engines = service.engine_readiness()
+        status = "unavailable" if not all(engines.values()) else "ok" if store_up else "degraded"
+        body = HealthResponse(
+            status=status, engines=engines, store=StoreHealth(kind=store.kind, healthy=store_up)
+        )
+        return JSONResponse(body.model_dump(), 503 if status == "unavailable" else 200)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        metrics.STORE_HEALTHY.set(1 if store.healthy else 0)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class BodyLimit:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await too_large(self.limit).response()(scope, receive, send)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # FastAPI re-raises HTTP exceptions from body reading; errors.py shapes it.
+                    raise _TooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _TooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, too_large(limit).body.message)
+
+
+class RequestMetrics:
+    """Counts requests by endpoint and status, and times them to the last byte sent."""
+
+    def __init__(self, app: ASGIApp, endpoints: set[str]):
+        self.app = app
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in self.endpoints else "other"
+        status = 500
+        t0 = time.perf_counter()
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            metrics.REQUESTS.labels(endpoint, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - t0)

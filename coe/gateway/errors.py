@@ -1,0 +1,118 @@
+"""Every failure leaves the gateway in OpenAI's error shape with the status a client expects:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coe.gateway.schema import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(message=message, type=type, param=param, code=code)
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            ErrorResponse(error=self.body).model_dump(), self.status, headers=self.headers
+        )
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str, known: list[str]) -> APIError:
+    return APIError(
+        404,
+        f"The model {model!r} does not exist. Available: {', '.join(known)}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def rate_limited(limit: str | None, retry_after_s: float) -> APIError:
+    seconds = max(1, int(retry_after_s + 0.999))
+    return APIError(
+        429,
+        f"Rate limit reached for {limit or 'requests'} per minute; retry in {seconds} s",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(
+        413, f"The request body exceeds {limit} bytes", code="request_too_large", param=None
+    )
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, type="service_unavailable_error", code="expert_unavailable")
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422; OpenAI clients expect 400 for a request they got wrong.
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = _param(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON", None
+        return invalid(f"{param}: {message}" if param else message, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code
+        )
+        return APIError(
+            exc.status_code, str(exc.detail), type=kind, code=code, headers=exc.headers
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return APIError(
+            500, f"internal error: {type(exc).__name__}", type="server_error"
+        ).response()

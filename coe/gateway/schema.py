@@ -1,0 +1,202 @@
+"""The OpenAI chat-completions schema as coe speaks it: requests in, responses out.
+
+Requests reject unknown fields (a misspelt parameter is an error, not silently ignored). coe adds
+its routing to the standard shapes only in headers (x-coe-*) and in /v1/route.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from coe.engines.base import Message
+
+INT64_MAX = 2**63 - 1
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    # "developer" is OpenAI's newer name for the system role.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def to_message(self) -> Message:
+        text = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
+        role = "system" if self.role == "developer" else self.role
+        return Message(role=role, content=text)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    model: str = Field(
+        description="`auto` routes; an expert's name skips routing; `auto:CATEGORY` uses the "
+        "category's expert."
+    )
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        stops = self.stop_list()
+        if len(stops) > 4:
+            raise ValueError("stop: at most 4 sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop: sequences must not be empty")
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages: the conversation has no user message")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def to_messages(self) -> list[Message]:
+        return [m.to_message() for m in self.messages]
+
+    def sampling(self) -> dict[str, object]:
+        """Overrides of the expert's sampling defaults (None: keep the expert's)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "seed": self.seed,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop_list() or None,
+        }
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str = Field(description="The expert that answered.")
+    choices: list[Choice]
+    usage: UsageInfo
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "coe"
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class RouteRequest(_Request):
+    model: str = "auto"
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RouteRequest:
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages: the conversation has no user message")
+        return self
+
+
+class Alternative(BaseModel):
+    category: str
+    probability: float
+
+
+class RouteResponse(BaseModel):
+    expert: str
+    category: str | None
+    confidence: float | None
+    fell_back: bool
+    reason: str
+    latency_s: float
+    alternatives: list[Alternative]
+
+
+class StoreHealth(BaseModel):
+    kind: str
+    healthy: bool
+
+
+class HealthResponse(BaseModel):
+    # ok: everything up; degraded: serving, but Redis is down (no cache, limits, sessions);
+    # unavailable: an engine is not running.
+    status: Literal["ok", "degraded", "unavailable"]
+    engines: dict[str, bool]
+    store: StoreHealth
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

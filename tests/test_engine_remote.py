@@ -10,11 +10,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
-from coe.config import RemoteOptions
+from coe.config import RemoteOptions, parse_config
 from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
 from coe.engines.remote import RemoteEngine
+from coe.gateway.server import GatewayServer
+from coe.orchestrator import Orchestrator
+from coe.runtime import BackgroundLoop
 
 from .conftest import free_port
 
@@ -103,3 +107,40 @@ async def test_missing_api_key_env_is_named() -> None:
     opts = RemoteOptions(base_url="http://127.0.0.1:1/v1", model="m", api_key_env="COE_NO_SUCH_KEY")
     with pytest.raises(EngineError, match="COE_NO_SUCH_KEY"):
         await collect(RemoteEngine("keyed", opts).stream(Prompt(QUESTION), SamplingParams()))
+
+
+def test_gateway_serves_a_remote_expert(vllm_server: str) -> None:
+    """The whole path: openai client -> coe gateway -> litellm -> `vllm serve`."""
+    config = parse_config(
+        {
+            "experts": [
+                {
+                    "name": "far",
+                    "engine": "remote",
+                    "prompt_format": "qa",
+                    "remote": {"base_url": vllm_server, "model": "gemma-remote"},
+                    "sampling": {"temperature": 0.0, "max_tokens": 32},
+                }
+            ],
+            "categories": [{"name": "general", "expert": "far"}],
+        },
+        "experts.yaml",
+    )
+    runner = BackgroundLoop()
+    orch = Orchestrator(config)
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="auto", messages=[QUESTION[0].as_dict()])
+        assert reply.model == "far"
+        assert "Jupiter" in (reply.choices[0].message.content or "")
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        stream = client.chat.completions.create(
+            model="far", messages=[QUESTION[0].as_dict()], stream=True, temperature=0.5
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    finally:
+        server.stop()
+        runner.run(orch.close())
+        runner.close()

@@ -1,0 +1,194 @@
+"""`coe serve` as a user runs it: the real vLLM engine (gemma-3-270m), the shipped router, a real
+redis-server, and the official openai client over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from coe.gateway.auth import hash_key
+
+from .conftest import COE, REPO, TEST_EXPERT_DEFAULTS, RedisProcess, cli_env, free_port
+
+pytestmark = pytest.mark.engine
+
+KEY = "coe-engine-test-key"
+START_TIMEOUT_S = 420
+CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+              "humanities", "general"]  # fmt: skip
+
+
+def serve_pool() -> dict:
+    """Two experts on one engine (greedy `counter`, sampling `writer`), every category of the
+    shipped router mapped to one of them."""
+    base = {**TEST_EXPERT_DEFAULTS, "prompt_format": "qa"}
+    return {
+        "experts": [
+            {"name": "counter", **base, "sampling": {"temperature": 0.0, "max_tokens": 24}},
+            {"name": "writer", **base, "sampling": {"temperature": 0.8, "max_tokens": 24}},
+        ],
+        "categories": [
+            {"name": c, "expert": "writer" if c in ("writing", "roleplay") else "counter"}
+            for c in CATEGORIES
+        ],
+        "router": {"path": str(REPO / "routers/default"), "fallback": "general"},
+        "gateway": {"api_keys": [{"name": "tester", "sha256": hash_key(KEY)}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    model_dir: Path, redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("serve")
+    config = folder / "experts.yaml"
+    config.write_text(yaml.safe_dump(serve_pool()))
+    port = free_port()
+    log_path = folder / "serve.log"
+    cmd = [COE, "--config", str(config), "serve", "--port", str(port),
+           "--redis-url", redis_server.url]  # fmt: skip
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"coe serve exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"coe serve not ready in {START_TIMEOUT_S}s:\n{log_path.read_text()}")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            assert proc.wait(timeout=60) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+
+
+def count_prompt(start: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Continue counting: {start}, {start + 1}, {start + 2},"}]
+
+
+def test_auto_streams_an_answer_with_the_openai_client(gateway: str) -> None:
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+        stream=True,
+        max_tokens=16,
+    )
+    assert raw.headers["x-coe-category"] == "writing"
+    assert raw.headers["x-coe-expert"] == "writer"
+    assert float(raw.headers["x-coe-confidence"]) > 0.5
+    chunks = list(raw.parse())
+    assert {c.model for c in chunks} == {"writer"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip(), "no text streamed"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_and_unknown_model(gateway: str) -> None:
+    ids = [m.id for m in client(gateway).models.list().data]
+    assert ids[:3] == ["auto", "counter", "writer"] and "auto:math" in ids
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(gateway).chat.completions.create(model="nope", messages=count_prompt(1))
+    assert caught.value.code == "model_not_found"
+
+
+async def test_async_client_and_response_cache(gateway: str) -> None:
+    aclient = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key=KEY, max_retries=0)
+    try:
+        first = await aclient.chat.completions.with_raw_response.create(
+            model="counter", messages=count_prompt(7), max_tokens=8
+        )
+        second = await aclient.chat.completions.with_raw_response.create(
+            model="counter", messages=count_prompt(7), max_tokens=8
+        )
+        assert first.headers["x-coe-cache"] == "miss"
+        assert second.headers["x-coe-cache"] == "hit"
+        answer = first.parse().choices[0].message.content
+        assert answer and re.search(r"\d", answer)
+        assert second.parse().choices[0].message.content == answer
+        stream = await aclient.chat.completions.create(
+            model="counter", messages=count_prompt(7), max_tokens=8, stream=True
+        )
+        replay = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert replay == answer
+    finally:
+        await aclient.close()
+
+
+async def test_32_concurrent_streams_come_back_whole_and_unmixed(gateway: str) -> None:
+    aclient = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key=KEY, max_retries=0)
+    starts = [100 * i + 3 for i in range(32)]
+
+    async def one(start: int) -> str:
+        stream = await aclient.chat.completions.create(
+            model="counter",
+            messages=count_prompt(start),
+            max_tokens=12,
+            stream=True,
+            extra_headers={"x-coe-cache-control": "no-cache"},
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    try:
+        texts = await asyncio.gather(*(one(s) for s in starts))
+    finally:
+        await aclient.close()
+    for start, text in zip(starts, texts, strict=True):
+        numbers = [int(n) for n in re.findall(r"(\d+),", text)]
+        # The model counts on from its own prompt; a chunk of another stream would bring a
+        # number a hundred or more away.
+        assert numbers, f"{start}: no complete number in {text!r}"
+        assert all(start <= n < start + 20 for n in numbers), f"{start}: {text!r}"
+
+
+def test_redis_killed_mid_test_the_gateway_answers_and_recovers(
+    gateway: str, redis_server: RedisProcess
+) -> None:
+    body = {"model": "counter", "messages": count_prompt(50), "max_tokens": 6}
+    headers = {"authorization": f"Bearer {KEY}"}
+    url = gateway + "/v1/chat/completions"
+    assert httpx.post(url, json=body, headers=headers, timeout=60).status_code == 200
+    redis_server.stop()
+    try:
+        r = httpx.post(url, json=body, headers=headers, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert r.headers["x-coe-cache"] == "miss"
+        health = httpx.get(gateway + "/health", timeout=10).json()
+        assert health["status"] == "degraded" and health["store"]["healthy"] is False
+    finally:
+        redis_server.start()
+    assert httpx.get(gateway + "/health", timeout=10).json()["status"] == "ok"
+    assert httpx.post(url, json=body, headers=headers, timeout=60).headers["x-coe-cache"] == "miss"
+    assert httpx.post(url, json=body, headers=headers, timeout=60).headers["x-coe-cache"] == "hit"
+
+
+def test_metrics_count_requests_routing_tokens_and_cache(gateway: str) -> None:
+    text = httpx.get(gateway + "/metrics", timeout=10).text
+    assert re.search(r'coe_requests_total\{endpoint="/v1/chat/completions",status="200"\} \d', text)
+    assert 'coe_routed_total{category="writing",expert="writer",how="router"}' in text
+    assert re.search(r'coe_tokens_total\{expert="counter",kind="completion"\} [1-9]', text)
+    assert re.search(r'coe_response_cache_total\{result="hit"\} [1-9]', text)
+    assert "coe_time_to_first_token_seconds_count" in text

@@ -106,10 +106,20 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
     @click.option("--requests", default=200, show_default=True, help="Requests per measurement.")
     @click.option("--tokens", default=1, show_default=True, help="New tokens per request.")
     @click.option("--max-seconds", default=120.0, show_default=True, help="Stop measuring after.")
+    @click.option(
+        "--redis-url",
+        envvar="COE_REDIS_URL",
+        help="Measure with this Redis as the store (env COE_REDIS_URL; default in-process).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
     @pass_ctx
     def bench_gateway(
-        ctx: Any, requests: int, tokens: int, max_seconds: float, as_json: bool
+        ctx: Any,
+        requests: int,
+        tokens: int,
+        max_seconds: float,
+        redis_url: str | None,
+        as_json: bool,
     ) -> None:
         """Gateway overhead: the same requests through the HTTP gateway and straight to the
         engine, interleaved in one run; and the latency of response-cache hits. Loopback only."""
@@ -120,7 +130,9 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         expert = cfg.category(cfg.router.fallback).expert
         runner, orch = cli._open_orchestrator(cfg, [expert])
         try:
-            result = run_gateway_bench(orch, runner, expert, requests, tokens, max_seconds)
+            result = run_gateway_bench(
+                orch, runner, expert, requests, tokens, max_seconds, redis_url
+            )
         finally:
             cli._close(runner, orch)
         if as_json:

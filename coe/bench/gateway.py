@@ -36,6 +36,7 @@ def _ms(samples: list[float], q: float) -> float:
 @dataclass
 class GatewayBench:
     expert: str
+    store: str
     requests: int
     tokens: int
     direct_p50_ms: float
@@ -62,7 +63,7 @@ class GatewayBench:
 
         table = Table(
             title=f"gateway benchmark: expert {self.expert}, {self.tokens} token(s), "
-            f"{self.requests} requests per measurement"
+            f"{self.requests} requests per measurement, {self.store} store"
         )
         for col in ("measure", "p50 ms", "p99 ms", "note"):
             table.add_column(col)
@@ -103,8 +104,9 @@ def run_gateway_bench(
     requests: int,
     tokens: int,
     max_seconds: float,
+    redis_url: str | None = None,
 ) -> GatewayBench:
-    server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0, redis_url=redis_url)
     server.start()
     try:
         return _measure(orch, runner, server, expert, requests, tokens, max_seconds)
@@ -181,6 +183,7 @@ def _measure(
     overhead = [g - d for g, d in zip(gateway_s, direct_s, strict=True)]
     return GatewayBench(
         expert=expert,
+        store=server.store.kind,
         requests=len(gateway_s),
         tokens=tokens,
         direct_p50_ms=_ms(direct_s, 0.5),

@@ -307,8 +307,7 @@ class ChatService:
             return self._completion(call, cached), decision_headers(cached.decision, "hit")
         decision = await self._route(call)
         with _engine_errors():
-            streams = await self._choices(call, decision)
-            results = await asyncio.gather(*(_collect(s) for s in streams))
+            results = await _collect_all(await self._choices(call, decision))
         answer = Answer(
             decision=decision,
             texts=[text for text, _, _ in results],
@@ -391,15 +390,7 @@ class ChatService:
         # Before [DONE]: a client that hangs up once it has the answer must not undo this.
         await self._finish(call, answer)
         if include_usage(call.request):
-            yield _event(
-                ChatCompletionChunk(
-                    id=call.id,
-                    created=call.created,
-                    model=expert,
-                    choices=[],
-                    usage=_usage_info(answer.usage),
-                ).model_dump_json()
-            )
+            yield self._usage_chunk(call, expert, answer.usage)
         yield _event("[DONE]")
 
     async def _replay(self, call: Call, answer: Answer) -> AsyncIterator[str]:
@@ -409,16 +400,15 @@ class ChatService:
             yield self._chunk(call, expert, i, Delta(content=text))
             yield self._chunk(call, expert, i, Delta(), answer.finish_reasons[i])
         if include_usage(call.request):
-            yield _event(
-                ChatCompletionChunk(
-                    id=call.id,
-                    created=call.created,
-                    model=expert,
-                    choices=[],
-                    usage=_usage_info(answer.usage),
-                ).model_dump_json()
-            )
+            yield self._usage_chunk(call, expert, answer.usage)
         yield _event("[DONE]")
+
+    def _usage_chunk(self, call: Call, expert: str, usage: Usage) -> str:
+        """stream_options.include_usage: a last chunk with no choices and the request's usage."""
+        chunk = ChatCompletionChunk(
+            id=call.id, created=call.created, model=expert, choices=[], usage=_usage_info(usage)
+        )
+        return _event(chunk.model_dump_json())
 
     def _chunk(
         self, call: Call, expert: str, index: int, delta: Delta, finish: str | None = None
@@ -461,6 +451,18 @@ async def _collect(stream: AsyncIterator[Chunk]) -> tuple[str, str | None, Usage
         if chunk.finish_reason is not None:
             finish, usage = chunk.finish_reason, chunk.usage or Usage()
     return "".join(parts), finish, usage
+
+
+async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[tuple[str, str | None, Usage]]:
+    """All choices at once; if one fails, the others are cancelled (and aborted in the engine)."""
+    tasks = [asyncio.ensure_future(_collect(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _api_error(exc: BaseException) -> APIError:

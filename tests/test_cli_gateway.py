@@ -1,0 +1,50 @@
+"""`coe keys new` and `coe bench gateway` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coe.gateway.auth import hash_key
+
+from .conftest import COE, RedisProcess, cli_env
+
+
+def coe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COE, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )
+
+
+def test_keys_new_prints_the_key_once_and_only_its_hash_for_the_config() -> None:
+    run = coe("keys", "new", "--name", "alice", timeout=60)
+    assert run.returncode == 0, run.stderr
+    key = re.search(r"(coe-\S+)", run.stderr)
+    assert key is not None
+    (entry,) = yaml.safe_load(run.stdout)
+    assert entry == {"name": "alice", "sha256": hash_key(key.group(1))}
+    assert key.group(1) not in run.stdout
+
+
+@pytest.mark.engine
+def test_bench_gateway_json_reports_overhead_beside_the_engine(
+    test_pool_file: Path, redis_up: RedisProcess
+) -> None:
+    run = coe(
+        "--config", str(test_pool_file), "bench", "gateway", "--json",
+        "--requests", "20", "--max-seconds", "40", "--redis-url", redis_up.url,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["store"] == "redis" and out["requests"] >= 1
+    for key in ("direct_p50_ms", "gateway_p50_ms", "cache_hit_p50_ms", "auto_p50_ms"):
+        assert out[key] > 0, key
+    # The gateway does more than the engine alone: its latency is not below the engine's.
+    assert out["gateway_p50_ms"] >= out["direct_p50_ms"] - 5
+    assert out["gateway_requests_s"] > 0 and out["direct_requests_s"] > 0
+    assert out["target_overhead_p50_ms"] == 3.0

@@ -161,6 +161,9 @@ class ResponseCacheSettings(_Strict):
     ttl_s: int = Field(3600, ge=1)
     # Also cache requests that sample (temperature > 0 without a seed): repeats get the same text.
     nondeterministic: bool = False
+    # Share answers between API keys. Off: each key has its own entries, so no client can learn
+    # from a cache hit what another one asked.
+    shared: bool = False
 
 
 class GatewaySettings(_Strict):
@@ -282,6 +285,10 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
                 f"experts[{i}].name: '{name}' is defined twice; expert names are unique"
             )
     for i, e in enumerate(cfg.experts):
+        if e.name == "auto":
+            problems.append(
+                f"experts[{i}].name: 'auto' is reserved (the gateway's routed model); rename it"
+            )
         if e.engine == "remote" and e.remote is None:
             problems.append(
                 f"experts[{i}].remote: required when engine is 'remote' "

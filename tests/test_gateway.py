@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,15 +27,19 @@ from .conftest import RedisProcess
 
 KEY = "coe-test-key"
 LIMITED_KEY = "coe-limited-key"
+OTHER_KEY = "coe-other-key"
 
 
 class EchoEngine:
     """Answers "<system prompt>: <last user message>" word by word (each test expert's system
-    prompt is its name); "boom" fails before any output, "midway" after the first word."""
+    prompt is its name); "boom" fails before any output, "midway" after the first word, "slow"
+    takes a minute (and counts its cancellation)."""
 
     def __init__(self, name: str):
         self.name = name
         self.ready = True
+        self.seeds: list[int | None] = []
+        self.cancelled = 0
 
     async def start(self) -> None:
         self.ready = True
@@ -46,6 +51,13 @@ class EchoEngine:
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Chunk]:
         last = [m.content for m in prompt.messages if m.role == "user"][-1]
+        self.seeds.append(sampling.seed)
+        if last == "slow":
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if last == "boom":
             raise EngineError(f"engine {self.name} is down")
         speaker = next((m.content for m in prompt.messages if m.role == "system"), self.name)
@@ -87,7 +99,12 @@ def gateway_pool(**gateway: object) -> PoolConfig:
     base = {"model": "/nonexistent", "sampling": {"temperature": 0.0, "max_tokens": 64}}
     data = {
         "experts": [
-            {"name": "coder", "system_prompt": "coder", **base},
+            {
+                "name": "coder",
+                "system_prompt": "coder",
+                **base,
+                "sampling": {"temperature": 0.0, "max_tokens": 64, "seed": 11},
+            },
             {
                 "name": "writer",
                 "system_prompt": "writer",
@@ -103,6 +120,7 @@ def gateway_pool(**gateway: object) -> PoolConfig:
         "gateway": {
             "api_keys": [
                 {"name": "tester", "sha256": hash_key(KEY)},
+                {"name": "other", "sha256": hash_key(OTHER_KEY)},
                 {
                     "name": "limited",
                     "sha256": hash_key(LIMITED_KEY),
@@ -348,7 +366,8 @@ def test_error_after_streaming_started_is_the_last_event(gw: Running) -> None:
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
-    assert "died mid-answer" in error["message"] and error["code"] == "expert_unavailable"
+    assert error["message"] == "expert coder is restarting; retry the request shortly"
+    assert error["code"] == "expert_unavailable"
     with pytest.raises(openai.APIError):
         list(
             gw.client().chat.completions.create(model="coder", messages=ask("midway"), stream=True)
@@ -384,7 +403,7 @@ def test_sampled_requests_are_not_cached_unless_asked(gw: Running) -> None:
     asked = {"x-coe-cache-control": "store"}
     body["messages"] = ask("sampled, asked")
     assert gw.post("/v1/chat/completions", body, **asked).headers["x-coe-cache"] == "miss"
-    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "hit"
+    assert gw.post("/v1/chat/completions", body, **asked).headers["x-coe-cache"] == "hit"
 
 
 def test_a_conversation_stays_with_its_expert(gw: Running) -> None:
@@ -459,7 +478,7 @@ def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> Non
         }
         redis_up.stop()
         r = running.post("/v1/chat/completions", body)
-        assert r.status_code == 200 and r.headers["x-coe-cache"] == "miss"
+        assert r.status_code == 200 and r.headers["x-coe-cache"] == "bypass"
         assert r.json()["choices"][0]["message"]["content"] == "coder: through redis"
         health = httpx.get(running.base + "/health")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
@@ -473,3 +492,60 @@ def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> Non
     finally:
         running.server.stop()
         runner.close()
+
+
+def test_openai_parameters_coe_cannot_honour_are_named(gw: Running) -> None:
+    base = {"model": "coder", "messages": ask("x")}
+    for extra, param in (
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ):
+        error = assert_error(gw.post("/v1/chat/completions", {**base, **extra}), 400)
+        assert error["param"] == param and error["code"] == "unsupported_parameter"
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "store": False}
+    assert gw.post("/v1/chat/completions", {**base, **neutral}).status_code == 200
+    # An assistant turn without content, as clients echo tool-less replies back.
+    history = [*ask("a"), {"role": "assistant", "content": None}, *ask("b")]
+    assert gw.post("/v1/chat/completions", {**base, "messages": history}).status_code == 200
+
+
+def test_n_choices_get_distinct_seeds_from_the_experts_default(gw: Running) -> None:
+    engine = gw.orch.engines.engine_for("coder")
+    engine.seeds.clear()
+    r = gw.post("/v1/chat/completions", {"model": "coder", "messages": ask("seeded"), "n": 3})
+    assert r.status_code == 200
+    assert sorted(engine.seeds) == [11, 12, 13]
+
+
+def test_cache_entries_are_per_client_unless_shared(gw: Running) -> None:
+    body = {"model": "coder", "messages": ask("private prompt"), "temperature": 0}
+    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "miss"
+    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "hit"
+    assert gw.post("/v1/chat/completions", body, key=OTHER_KEY).headers["x-coe-cache"] == "miss"
+
+
+def test_a_kept_sampled_answer_serves_only_requests_that_ask_alike(gw: Running) -> None:
+    body = {"model": "auto", "messages": ask("a sampled poem"), "temperature": 0.9}
+    store = {"x-coe-cache-control": "store"}
+    assert gw.post("/v1/chat/completions", body, **store).headers["x-coe-cache"] == "miss"
+    assert gw.post("/v1/chat/completions", body, **store).headers["x-coe-cache"] == "hit"
+    assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "bypass"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_cancels_its_generation(gw: Running, stream: bool) -> None:
+    engine = gw.orch.engines.engine_for("coder")
+    before = engine.cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gw.base + "/v1/chat/completions",
+            json={"model": "coder", "messages": ask("slow"), "stream": stream},
+            headers={"authorization": f"Bearer {KEY}"},
+            timeout=0.5,
+        )
+    deadline = time.monotonic() + 5
+    while engine.cancelled == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.cancelled == before + 1

@@ -79,3 +79,21 @@ async def test_redis_outage_degrades_and_recovers(redis_up: RedisProcess) -> Non
         assert await store.ping()
     finally:
         await store.close()
+
+
+async def test_redis_keeps_a_token_debt_until_it_is_repaid(redis_up: RedisProcess) -> None:
+    store = RedisStore(redis_up.url)
+    try:
+        await store.charge_tokens("frank", 5000, 1000)  # 4000 in debt: 5 minutes to refill
+        ttl_ms = await store._client.pttl("coe:v1:rate:{key:frank}:tokens".replace("key:", ""))
+        assert 4.5 * 60_000 < ttl_ms <= 5 * 60_000 + 1000
+    finally:
+        await store.close()
+
+
+async def test_memory_store_forgets_refilled_buckets_beyond_its_size() -> None:
+    store = MemoryStore(max_entries=10)
+    for i in range(50):
+        assert (await store.admit(f"peer-{i}", 6000, None)).allowed
+        await asyncio.sleep(0.011)  # 6000/min refills one request in 10 ms
+    assert len(store._requests) <= 11

@@ -76,12 +76,23 @@ class Completion:
 class EngineError(RuntimeError):
     """The engine could not serve a request (it died, failed to start, or the server refused).
 
-    ``retryable`` says whether the same request may succeed on a restarted engine.
+    ``retryable`` says whether the same request may succeed on a restarted engine;
+    ``invalid_request`` that the backend refused this request itself (a remote server's 4xx), and
+    ``reason`` is then what it said, fit to pass on to the client.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        invalid_request: bool = False,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.retryable = retryable
+        self.invalid_request = invalid_request
+        self.reason = reason or message
 
 
 @runtime_checkable

@@ -98,10 +98,13 @@ class RemoteEngine:
         except EngineError:
             raise
         except Exception as exc:  # litellm maps every provider error to its own classes
+            refused = isinstance(exc, litellm.BadRequestError)  # context too long, bad params
             raise EngineError(
                 f"remote expert {self.name} at {self.options.base_url} failed: "
                 f"{type(exc).__name__}: {exc}",
                 retryable=_retryable(litellm, exc),
+                invalid_request=refused,
+                reason=str(getattr(exc, "message", exc)) if refused else None,
             ) from exc
         self._ready = True
         yield Chunk(text="", finish_reason=finish or "stop", usage=usage or Usage())

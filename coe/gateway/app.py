@@ -5,8 +5,10 @@ No ``from __future__ import annotations`` here: FastAPI reads the handlers' anno
 runtime, and the dependencies they name are local to create_app.
 """
 
+import asyncio
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from coe import __version__
 from coe.gateway import errors, metrics
 from coe.gateway.auth import Client, KeyRing
-from coe.gateway.errors import rate_limited, too_large, unauthorized
+from coe.gateway.errors import invalid, rate_limited, too_large, unauthorized
 from coe.gateway.schema import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -30,6 +32,8 @@ from coe.gateway.schema import (
     StoreHealth,
 )
 from coe.gateway.service import CACHE_CONTROL_HEADER, SESSION_HEADER, Call, ChatService
+
+T = TypeVar("T")
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -95,6 +99,10 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, found: Annotated[Client, Depends(limited)]
     ) -> Response:
+        unsupported = body.check_supported()
+        if unsupported is not None:
+            param, why = unsupported
+            raise invalid(why, param=param, code="unsupported_parameter")
         call = Call(
             body,
             found,
@@ -102,10 +110,10 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
             cache_control=request.headers.get(CACHE_CONTROL_HEADER),
         )
         if body.stream:
-            headers, events = await service.stream(call)
+            headers, events = await until_disconnect(request, service.stream(call))
             headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        completion, headers = await service.complete(call)
+        completion, headers = await until_disconnect(request, service.complete(call))
         return JSONResponse(completion.model_dump(), headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
@@ -144,6 +152,24 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client hangs up first: Starlette does not cancel a
+    handler whose client has gone, and a cancelled generation is aborted in its engine."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        # The body has been read: the next message the server gives is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 class BodyLimit:

@@ -6,7 +6,7 @@ its routing to the standard shapes only in headers (x-coe-*) and in /v1/route.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -27,19 +27,35 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # None only for an assistant turn (clients echo such turns back as they got them).
+    content: str | list[TextPart] | None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: required for a {self.role} message")
+        return self
+
     def to_message(self) -> Message:
-        text = (
-            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        )
+        if self.content is None:
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(p.text for p in self.content)
         role = "system" if self.role == "developer" else self.role
         return Message(role=role, content=text)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's; there is nothing to obfuscate here
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_Request):
@@ -59,6 +75,21 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(None, ge=0, le=INT64_MAX)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     user: str | None = None
+    # OpenAI parameters that clients send with neutral values; other values are refused with a
+    # 400 naming them (check_supported), never silently ignored.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # Bookkeeping fields: accepted, and they change nothing.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -70,6 +101,21 @@ class ChatCompletionRequest(_Request):
         if not any(m.role == "user" for m in self.messages):
             raise ValueError("messages: the conversation has no user message")
         return self
+
+    def check_supported(self) -> tuple[str, str] | None:
+        """(param, why) for the first parameter coe cannot honour, else None."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"{name} is not supported; leave it out or send 0"
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "log probabilities are not supported"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", "only response_format type 'text' is supported"
+        if self.tools or self.tool_choice not in (None, "none"):
+            return "tools", "tool calling is not supported by coe's experts"
+        return None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

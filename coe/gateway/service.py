@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from coe.config import GatewaySettings
 from coe.engines.base import Chunk, EngineError, Message, Usage
@@ -36,6 +38,8 @@ from coe.gateway.schema import (
 from coe.orchestrator import Orchestrator
 from coe.router.base import RouteDecision
 from coe.store import Store
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 CATEGORY_PREFIX = "auto:"
@@ -65,6 +69,7 @@ class Answer:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Answer:
+        """Raises ValueError (or KeyError, TypeError) for an entry in another format."""
         data = json.loads(raw)
         d = data["decision"]
         alternatives = tuple((a["category"], a["probability"]) for a in d.pop("alternatives"))
@@ -116,10 +121,13 @@ class ChatService:
         self.config = config
         # Cached answers belong to this pool: a changed experts.yaml (prompts, sampling, map)
         # must not serve answers made under the old one.
-        self.pool_fingerprint = hashlib.sha256(
-            config.model_dump_json(exclude={"gateway", "store"}).encode()
-        ).hexdigest()[:16]
+        pool = hashlib.sha256(config.model_dump_json(exclude={"gateway", "store"}).encode())
+        # ... nor a router refitted in place.
+        pool.update(_router_fingerprint(orchestrator.router).encode())
+        self.pool_fingerprint = pool.hexdigest()[:16]
         self.created = int(time.time())
+        # Accounting that must finish even when the client has gone (its task is cancelled).
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- models ------------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -216,8 +224,10 @@ class ChatService:
             {"expert": answer.decision.expert, "category": answer.decision.category}
         ).encode()
         ttl = self.settings.session_ttl_s
-        following = [*call.messages, Message("assistant", answer.texts[0])]
-        await self.store.set("session:conversation:" + conversation_hash(following), value, ttl)
+        for text in dict.fromkeys(answer.texts):  # the client may go on from any choice
+            following = [*call.messages, Message("assistant", text)]
+            key = "session:conversation:" + conversation_hash(following)
+            await self.store.set(key, value, ttl)
         if call.session:
             key = "session:id:" + hashlib.sha256(call.session.encode()).hexdigest()
             await self.store.set(key, value, ttl)
@@ -233,6 +243,10 @@ class ChatService:
                 "sampling": req.sampling(),
                 "n": req.n,
                 "session": call.session,
+                # A sampled answer kept on request is only for requests that ask the same way.
+                "kept_on_request": call.cache_control == "store",
+                # Unless shared, a client never sees (or learns of) another client's prompts.
+                "client": None if self.settings.response_cache.shared else call.client.subject,
             },
             sort_keys=True,
             ensure_ascii=False,
@@ -242,34 +256,73 @@ class ChatService:
     def _cache_enabled(self, call: Call) -> bool:
         return self.settings.response_cache.enabled and call.cache_control != "no-cache"
 
+    def _storable_anyway(self, call: Call) -> bool:
+        return self.settings.response_cache.nondeterministic or call.cache_control == "store"
+
     def _storable(self, call: Call, expert: str) -> bool:
         """Only answers a repeat would reproduce: greedy or seeded sampling, unless asked."""
-        if self.settings.response_cache.nondeterministic or call.cache_control == "store":
+        if self._storable_anyway(call):
             return True
         req, defaults = call.request, self.config.expert(expert).sampling
         temperature = req.temperature if req.temperature is not None else defaults.temperature
         seed = req.seed if req.seed is not None else defaults.seed
         return temperature == 0 or seed is not None
 
-    async def _cached(self, call: Call) -> Answer | None:
+    def _may_hit(self, call: Call) -> bool:
+        """Whether a stored answer may serve this request, decided before routing."""
         if not self._cache_enabled(call):
+            return False
+        named = self._named_expert(call.request.model)
+        if named is not None:
+            return self._storable(call, named)
+        # auto: an answer was stored only if the expert it was routed to answers repeatably
+        # (or it was kept on request, which is part of the key), and the same request routes
+        # the same way under the same pool and router (also part of the key).
+        req = call.request
+        sampled = req.temperature is not None and req.temperature > 0 and req.seed is None
+        return not sampled or self._storable_anyway(call)
+
+    def _named_expert(self, model: str) -> str | None:
+        if model in self.config.expert_names:
+            return model
+        name = model.removeprefix(CATEGORY_PREFIX)
+        if model.startswith(CATEGORY_PREFIX) and name in self.config.category_names:
+            return self.config.category(name).expert
+        return None
+
+    async def _cached(self, call: Call) -> Answer | None:
+        if not self._may_hit(call):
             return None
         raw = await self.store.get(self._cache_key(call))
         if raw is None:
             metrics.RESPONSE_CACHE.labels("miss").inc()
             return None
+        try:
+            answer = Answer.from_json(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a cached answer in an unknown format: %s", exc)
+            return None
         metrics.RESPONSE_CACHE.labels("hit").inc()
-        return Answer.from_json(raw)
+        # A hit is an answer too: the conversation's next turn stays with this expert.
+        await self._remember(call, answer)
+        return answer
 
-    async def _finish(self, call: Call, answer: Answer) -> None:
-        """After a generated answer: cache it, remember the session, count and charge tokens."""
-        expert = answer.decision.expert
-        metrics.TOKENS.labels(expert, "prompt").inc(answer.usage.prompt_tokens)
-        metrics.TOKENS.labels(expert, "completion").inc(answer.usage.completion_tokens)
-        limits = call.client.limits
-        await self.store.charge_tokens(
-            call.client.subject, answer.usage.total_tokens, limits.tokens_per_minute
+    def _account(self, call: Call, expert: str, usage: Usage) -> None:
+        """Count the tokens and charge them to the client, also for an answer cut short; in a
+        task of its own, so a client that hangs up cannot cancel it."""
+        metrics.TOKENS.labels(expert, "prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(expert, "completion").inc(usage.completion_tokens)
+        limit = call.client.limits.tokens_per_minute
+        if not limit or not usage.total_tokens:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.store.charge_tokens(call.client.subject, usage.total_tokens, limit)
         )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _keep(self, call: Call, answer: Answer) -> None:
+        """After a whole answer: cache it (when it is a "miss") and remember the session."""
         if answer.cache == "miss":
             ttl = self.settings.response_cache.ttl_s
             await self.store.set(self._cache_key(call), answer.to_json(), ttl)
@@ -277,6 +330,8 @@ class ChatService:
 
     def _cache_status(self, call: Call, expert: str) -> str:
         """For a generated answer: "miss" when it will be cached, else "bypass"."""
+        if not self.store.healthy:
+            return "bypass"
         storable = self._cache_enabled(call) and self._storable(call, expert)
         return "miss" if storable else "bypass"
 
@@ -288,6 +343,8 @@ class ChatService:
 
     async def _choices(self, call: Call, decision: RouteDecision) -> list[AsyncIterator[Chunk]]:
         sampling = call.request.sampling()
+        if sampling["seed"] is None:
+            sampling["seed"] = self.config.expert(decision.expert).sampling.seed
         streams = []
         for i in range(call.request.n):
             params = dict(sampling)
@@ -306,7 +363,7 @@ class ChatService:
         if cached is not None:
             return self._completion(call, cached), decision_headers(cached.decision, "hit")
         decision = await self._route(call)
-        with _engine_errors():
+        with _engine_errors(decision.expert):
             results = await _collect_all(await self._choices(call, decision))
         answer = Answer(
             decision=decision,
@@ -315,7 +372,8 @@ class ChatService:
             usage=_total_usage([usage for _, _, usage in results]),
             cache=self._cache_status(call, decision.expert),
         )
-        await self._finish(call, answer)
+        self._account(call, decision.expert, answer.usage)
+        await self._keep(call, answer)
         return self._completion(call, answer), decision_headers(decision, answer.cache)
 
     def _completion(self, call: Call, answer: Answer) -> ChatCompletion:
@@ -341,7 +399,7 @@ class ChatService:
         if cached is not None:
             return decision_headers(cached.decision, "hit"), self._replay(call, cached)
         decision = await self._route(call)
-        with _engine_errors():
+        with _engine_errors(decision.expert):
             merged = _merge(await self._choices(call, decision))
             first = await _first(merged)
         cache = self._cache_status(call, decision.expert)
@@ -358,13 +416,13 @@ class ChatService:
         n = call.request.n
         texts: list[list[str]] = [[] for _ in range(n)]
         finishes: list[str | None] = [None] * n
-        usages: list[Usage] = [Usage() for _ in range(n)]
+        usages: list[Usage | None] = [None] * n
         timed = False
         expert = decision.expert
-        for i in range(n):
-            yield self._chunk(call, expert, i, Delta(role="assistant", content=""))
         try:
             async with contextlib.aclosing(rest) as chunks:
+                for i in range(n):
+                    yield self._chunk(call, expert, i, Delta(role="assistant", content=""))
                 pending = [first] if first is not None else []
                 async for index, chunk in _chain(pending, chunks):
                     if chunk.text:
@@ -380,15 +438,24 @@ class ChatService:
                         usages[index] = chunk.usage or Usage()
                         yield self._chunk(call, expert, index, Delta(), chunk.finish_reason)
         except Exception as exc:  # the status is sent; the error travels as the last event
-            error = _api_error(exc)
+            error = _api_error(exc, expert)
             yield _event(ErrorResponse(error=error.body).model_dump_json())
             yield _event("[DONE]")
             return
+        finally:
+            # A choice cut short (client gone, engine failed) is charged what it produced:
+            # about a token per streamed piece.
+            spent = [u or Usage(0, len(t)) for u, t in zip(usages, texts, strict=True)]
+            self._account(call, expert, _total_usage(spent))
         answer = Answer(
-            decision, ["".join(t) for t in texts], finishes, _total_usage(usages), cache
+            decision,
+            ["".join(t) for t in texts],
+            finishes,
+            _total_usage([u or Usage() for u in usages]),
+            cache,
         )
         # Before [DONE]: a client that hangs up once it has the answer must not undo this.
-        await self._finish(call, answer)
+        await self._keep(call, answer)
         if include_usage(call.request):
             yield self._usage_chunk(call, expert, answer.usage)
         yield _event("[DONE]")
@@ -465,24 +532,44 @@ async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[tuple[str, s
         raise
 
 
-def _api_error(exc: BaseException) -> APIError:
+def _api_error(exc: BaseException, expert: str) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineError):
-        return unavailable(str(exc))
+        if exc.invalid_request:  # a remote expert's server refused this request (a 4xx)
+            return invalid(f"expert {expert} refused the request: {exc.reason}")
+        # The details (engine names, internal addresses) go to the log, not to the client.
+        log.warning("expert %s failed a request: %s", expert, exc)
+        if exc.retryable:
+            return unavailable(f"expert {expert} is restarting; retry the request shortly")
+        return unavailable(f"expert {expert} could not serve the request")
     if isinstance(exc, ValueError):
         return invalid(str(exc))
+    log.error("unexpected error from expert %s", expert, exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
 
 
 @contextlib.contextmanager
-def _engine_errors() -> Iterator[None]:
+def _engine_errors(expert: str) -> Iterator[None]:
     try:
         yield
     except (EngineError, ValueError) as exc:
-        raise _api_error(exc) from exc
+        raise _api_error(exc, expert) from exc
+
+
+def _router_fingerprint(router: object) -> str:
+    """A hash of the router's files, when it has some (a fitted TwoStageRouter does)."""
+    folder = getattr(getattr(router, "artifact", None), "path", None)
+    if folder is None:
+        return type(router).__name__
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix in (".json", ".npz"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 async def _first(

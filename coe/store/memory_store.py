@@ -15,15 +15,24 @@ def _now_ms() -> float:
     return time.time() * 1000
 
 
+def _level(
+    buckets: dict[str, tuple[float, float, int]], subject: str, capacity: int, now: float
+) -> float:
+    if subject not in buckets:
+        return float(capacity)
+    level, stamp, _ = buckets[subject]
+    return refill(level, stamp, capacity, now)
+
+
 class MemoryStore:
     kind = "memory"
 
     def __init__(self, max_entries: int = MAX_ENTRIES):
         self.max_entries = max_entries
         self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        # subject -> (level, stamp_ms), one dict per bucket kind.
-        self._requests: dict[str, tuple[float, float]] = {}
-        self._tokens: dict[str, tuple[float, float]] = {}
+        # subject -> (level, stamp_ms, capacity), one dict per bucket kind.
+        self._requests: dict[str, tuple[float, float, int]] = {}
+        self._tokens: dict[str, tuple[float, float, int]] = {}
 
     @property
     def healthy(self) -> bool:
@@ -53,26 +62,33 @@ class MemoryStore:
         now = _now_ms()
         requests = None
         if requests_per_minute:
-            level, stamp = self._requests.get(subject, (None, now))
-            requests = refill(level, stamp, requests_per_minute, now)
+            requests = _level(self._requests, subject, requests_per_minute, now)
             if requests < 1:
                 wait = wait_ms(requests, requests_per_minute) / 1000
                 return RateDecision(False, wait, "requests")
         if tokens_per_minute:
-            level, stamp = self._tokens.get(subject, (None, now))
-            tokens = refill(level, stamp, tokens_per_minute, now)
+            tokens = _level(self._tokens, subject, tokens_per_minute, now)
             if tokens < 1:
                 return RateDecision(False, wait_ms(tokens, tokens_per_minute) / 1000, "tokens")
-        if requests is not None:
-            self._requests[subject] = (requests - 1, now)
+        if requests_per_minute and requests is not None:
+            self._requests[subject] = (requests - 1, now, requests_per_minute)
+        if len(self._requests) + len(self._tokens) > self.max_entries:
+            self._forget_full_buckets(now)
         return RateDecision(True)
+
+    def _forget_full_buckets(self, now: float) -> None:
+        """A bucket that has refilled is the same as no bucket: drop those (bounded memory)."""
+        for buckets in (self._requests, self._tokens):
+            for subject, (level, stamp, capacity) in list(buckets.items()):
+                if refill(level, stamp, capacity, now) >= capacity:
+                    del buckets[subject]
 
     async def charge_tokens(self, subject: str, tokens: int, tokens_per_minute: int | None) -> None:
         if not tokens_per_minute or tokens <= 0:
             return
         now = _now_ms()
-        level, stamp = self._tokens.get(subject, (None, now))
-        self._tokens[subject] = (refill(level, stamp, tokens_per_minute, now) - tokens, now)
+        level = _level(self._tokens, subject, tokens_per_minute, now)
+        self._tokens[subject] = (level - tokens, now, tokens_per_minute)
 
     async def ping(self) -> bool:
         return True

@@ -15,17 +15,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from coe.store.base import MINUTE_MS, RateDecision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Keys live under one prefix; a rate-limit subject's two buckets share a hash tag ({subject}) so
-# they land on the same node of a Redis cluster.
-PREFIX = "coe:"
+# Keys live under one prefix, versioned with the format of what coe writes, so gateways of
+# different versions on one Redis never read each other's entries. A rate-limit subject's two
+# buckets share a hash tag ({subject}) so they land on the same node of a Redis cluster.
+PREFIX = "coe:v1:"
 BUCKET_TTL_MS = 2 * MINUTE_MS
 
 # Shared by both scripts: a bucket refilled up to now (a missing bucket is full).
@@ -69,14 +69,17 @@ CHARGE = (
 local now, tpm, used = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = refill(KEYS[1], tpm, now) - used
 redis.call('HSET', KEYS[1], 'level', tostring(tokens), 'stamp', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- Keep the bucket until it would be full again: expiring it earlier would forgive a debt.
+local refilled_ms = math.ceil((tpm - tokens) * 60000 / tpm)
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[4]), refilled_ms))
 return 1
 """
 )
 
-# Connection problems degrade the store; anything else (a bad script, a wrong type) is a bug and
-# propagates.
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Any Redis failure degrades the store rather than failing requests: unreachable, timed out, but
+# also a replica that became read-only after a failover or a server out of memory. Each outage
+# is logged and shown by /health and the coe_store_healthy metric.
+_UNREACHABLE = (RedisError, OSError)
 
 
 class RedisStore:
@@ -106,9 +109,10 @@ class RedisStore:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning(
-                    "Redis at %s unreachable (%s): serving without response cache, rate limits "
-                    "and sessions until it is back",
+                    "Redis at %s failed (%s: %s): serving without response cache, rate limits "
+                    "and sessions until it answers again",
                     self.url,
+                    type(exc).__name__,
                     exc,
                 )
             self._next_try = time.monotonic() + self.retry_s

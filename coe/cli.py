@@ -20,6 +20,7 @@ import click
 from coe import __version__
 from coe.cli_cache import register as register_cache_commands
 from coe.cli_gateway import register as register_gateway_commands
+from coe.cli_prompts import register as register_prompt_commands
 from coe.cli_router import register as register_router_commands
 from coe.config import PREPARED_PREFIX, ConfigError, PoolConfig, load_config
 from coe.engines.vllm_local import quiet_vllm_logs
@@ -95,6 +96,7 @@ def _open_orchestrator(cfg: PoolConfig, experts: list[str]) -> tuple[Any, Any]:
     from coe.engines.base import EngineError
     from coe.models import ensure_models
     from coe.orchestrator import Orchestrator
+    from coe.prompts.mixture import MixtureError
     from coe.runtime import BackgroundLoop
 
     with _status("preparing models") as status:
@@ -115,6 +117,9 @@ def _open_orchestrator(cfg: PoolConfig, experts: list[str]) -> tuple[Any, Any]:
     except EngineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except MixtureError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         sys.exit(130)
     return runner, orch
@@ -160,6 +165,11 @@ def _sampling_options(f: Any) -> Any:
 @click.option("--system", help="System prompt (replaces the expert's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--no-stream", is_flag=True, help="Print the answer when it is complete.")
+@click.option(
+    "--show-prompt",
+    is_flag=True,
+    help="Print the final prompt the expert reads (strategy applied) to stderr first.",
+)
 @_sampling_options
 @pass_ctx
 def ask(
@@ -169,6 +179,7 @@ def ask(
     system: str | None,
     as_json: bool,
     no_stream: bool,
+    show_prompt: bool,
     max_tokens: int | None,
     temperature: float | None,
 ) -> None:
@@ -190,6 +201,8 @@ def ask(
     sampling = {"max_tokens": max_tokens, "temperature": temperature}
     messages = [{"role": "user", "content": prompt}]
     try:
+        if show_prompt:
+            click.echo(runner.run(_final_prompt(orch, messages, expert, system)), err=True)
         if as_json or no_stream:
             result: ChatResult = runner.run(
                 orch.chat(messages, expert=expert, system=system, **sampling)
@@ -218,6 +231,28 @@ def ask(
         sys.exit(130)
     finally:
         _close(runner, orch)
+
+
+async def _final_prompt(
+    orch: Any, messages: list[dict[str, str]], expert: str | None, system: str | None
+) -> str:
+    """The exact text the chosen expert reads: its template, strategy and system prompt."""
+    from coe.orchestrator import to_messages
+    from coe.prompts.render import render_qa, render_text
+    from coe.prompts.strategies import NONE
+
+    msgs = to_messages(messages)
+    decision = orch.route(msgs, expert)
+    shaping = NONE if system is not None else await orch.strategies.shape(decision.category, msgs)
+    prompt = orch.build_prompt(orch.config.expert(decision.expert), msgs, system, shaping)
+    tokenizer = getattr(orch.engines.engine_for(decision.expert), "tokenizer", None)
+    if tokenizer is not None:
+        text = render_text(tokenizer, prompt)
+    elif prompt.format == "qa":
+        text = render_qa(prompt.messages)
+    else:
+        text = json.dumps([m.as_dict() for m in prompt.messages], indent=2, ensure_ascii=False)
+    return f"--- prompt for {decision.expert} ---\n{text}\n--- end of prompt ---"
 
 
 def _ask_json(result: Any) -> dict[str, Any]:
@@ -441,6 +476,7 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
 register_router_commands(main, bench, pass_ctx)
 register_cache_commands(main, bench, pass_ctx)
 register_gateway_commands(main, bench, pass_ctx)
+register_prompt_commands(main, bench, pass_ctx)
 
 if __name__ == "__main__":
     main()

@@ -53,8 +53,20 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             prompt = sys.stdin.read()
         if not prompt.strip():
             raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+        from coe.orchestrator import with_shaping
+        from coe.prompts.mixture import MixtureError
+        from coe.prompts.strategies import Strategies
+
         router = load_router(ctx.config, router_path)
-        decision = router.route([Message("user", prompt)])
+        messages = [Message("user", prompt)]
+        decision = router.route(messages)
+        try:
+            shaping = Strategies(ctx.config, lambda: router.embedder).describe(
+                decision.category, messages
+            )
+        except MixtureError as exc:
+            _fail(str(exc))
+        decision = with_shaping(decision, shaping)
         if as_json:
             click.echo(json.dumps(decision.as_dict(), ensure_ascii=False))
             return
@@ -63,6 +75,11 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             f"{decision.latency_s * 1e3:.1f} ms)"
         )
         click.echo(f"  {decision.reason}")
+        if decision.strategy != "none":
+            where = f", region {decision.region}" if decision.region is not None else ""
+            click.echo(f"  strategy: {decision.strategy}{where}")
+            if decision.identity:
+                click.echo(f"  identity ({decision.identity_source}): {decision.identity}")
         for category, p in decision.alternatives:
             click.echo(f"  runner-up: {category} {p:.2f}")
 

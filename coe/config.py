@@ -102,7 +102,37 @@ class Category(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
     expert: str
+    # How prompts of this category are shaped for the expert (coe/prompts).
     strategy: StrategyName = "none"
+    # expert_prompting: the category's expert identity, in the second person ("You are ...").
+    # Used as is in static mode, and as the fallback in generated mode. None: one written from
+    # the description.
+    identity: str | None = None
+    # mixture_of_prompts: the folder `coe prompts fit` wrote, relative to experts.yaml.
+    prompts: str | None = None
+
+
+class ExpertPromptingSettings(_Strict):
+    # static: the category's identity, no extra call. generated: an identity written for each
+    # prompt by `writer` (cached in the store by prompt), the static one if it takes too long.
+    mode: Literal["static", "generated"] = "static"
+    # The expert that writes identities; None: the fallback category's expert.
+    writer: str | None = None
+    budget_s: float = Field(1.5, gt=0.0)
+    max_tokens: int = Field(64, ge=8)
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+
+
+class MixtureSettings(_Strict):
+    # The nearest demos of the prompt's region go before it, up to this many tokens in all ...
+    demo_tokens: int = Field(384, ge=0)
+    # ... and at most this many.
+    max_demos: int = Field(3, ge=0)
+
+
+class StrategySettings(_Strict):
+    expert_prompting: ExpertPromptingSettings = ExpertPromptingSettings()
+    mixture_of_prompts: MixtureSettings = MixtureSettings()
 
 
 class RouterSettings(_Strict):
@@ -186,6 +216,7 @@ class PoolConfig(_Strict):
     cache: CacheBudgets = CacheBudgets()
     store: StoreSettings = StoreSettings()
     gateway: GatewaySettings = GatewaySettings()
+    strategies: StrategySettings = StrategySettings()
 
     # Set by the loader, not by the file.
     source: Path | None = Field(None, exclude=True)
@@ -209,6 +240,13 @@ class PoolConfig(_Strict):
     @property
     def category_names(self) -> list[str]:
         return [c.name for c in self.categories]
+
+    def resolve_path(self, ref: str) -> Path:
+        """A path from the file, relative to experts.yaml unless absolute."""
+        path = Path(os.path.expanduser(ref))
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return path
 
     def resolve_model(self, expert: Expert) -> str:
         """Where the engine finds an expert's model: an existing path, or a hub id as written."""
@@ -319,6 +357,18 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
                 f"gateway.api_keys[{i}].sha256: the same key as '{first}'; "
                 "make a new one with `coe keys new`"
             )
+    for i, c in enumerate(cfg.categories):
+        if c.strategy == "mixture_of_prompts" and c.prompts is None:
+            problems.append(
+                f"categories[{i}].prompts: required when strategy is mixture_of_prompts "
+                f"(the folder `coe prompts fit DEMOS.jsonl --category {c.name} --out DIR` writes)"
+            )
+    writer = cfg.strategies.expert_prompting.writer
+    if writer is not None and writer not in experts:
+        problems.append(
+            f"strategies.expert_prompting.writer: '{writer}' is not a defined expert "
+            f"(defined: {', '.join(experts)})"
+        )
     if cfg.router.fallback not in cats:
         problems.append(
             f"router.fallback: '{cfg.router.fallback}' is not a defined category "

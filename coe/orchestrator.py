@@ -22,7 +22,12 @@ from coe.engines.base import (
     collect,
 )
 from coe.engines.pool import EnginePool
-from coe.router.base import RouteDecision, Router
+from coe.prompts.identity import IdentityWriter
+from coe.prompts.strategies import NONE as NO_SHAPING
+from coe.prompts.strategies import Shaping, Strategies
+from coe.router.base import Embedder, RouteDecision, Router
+from coe.router.embed import RecentEmbeddings
+from coe.store import MemoryStore, Store
 
 __all__ = ["ChatResult", "Orchestrator", "RouteDecision", "UnknownExpertError", "to_messages"]
 
@@ -47,6 +52,16 @@ class ChatResult:
     prompt: Prompt | None = field(default=None, repr=False)
 
 
+def with_shaping(decision: RouteDecision, shaping: Shaping) -> RouteDecision:
+    return replace(
+        decision,
+        strategy=shaping.strategy,
+        region=shaping.region,
+        identity=shaping.identity,
+        identity_source=shaping.identity_source,
+    )
+
+
 def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
     out = []
     for m in raw:
@@ -59,11 +74,47 @@ def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
 
 class Orchestrator:
     def __init__(
-        self, config: PoolConfig, engines: EnginePool | None = None, router: Router | None = None
+        self,
+        config: PoolConfig,
+        engines: EnginePool | None = None,
+        router: Router | None = None,
+        store: Store | None = None,
     ):
         self.config = config
         self.engines = engines or EnginePool(config)
         self.router = router
+        self._embedder: Embedder | None = None
+        if router is not None and hasattr(router, "embedder"):
+            # Router and mixture-of-prompts share one embedder, and its recent results.
+            router.embedder = self._embedder = RecentEmbeddings(router.embedder)
+        self.use_store(store or MemoryStore())
+
+    def use_store(self, store: Store) -> None:
+        """Where generated expert identities are cached (the gateway passes its Redis)."""
+        self.store = store
+        writer = IdentityWriter(self.config.strategies.expert_prompting, store, self._write)
+        self.strategies = Strategies(self.config, self.embedder, writer)
+
+    def embedder(self) -> Embedder:
+        """The router's embedder (mixture-of-prompts regions live in its space)."""
+        if self._embedder is None:
+            found = getattr(self.router, "embedder", None)
+            if found is None:
+                from coe.router.embed import load_embedder
+
+                found = load_embedder()
+            self._embedder = found
+        return self._embedder
+
+    async def _write(self, messages: list[Message]) -> str:
+        """Generate with the identity writer expert (greedy): expert-prompting's second LLM."""
+        settings = self.config.strategies.expert_prompting
+        name = settings.writer or self.config.category(self.config.router.fallback).expert
+        writer = self.config.expert(name)
+        prompt = Prompt(messages=tuple(messages), format=writer.prompt_format)
+        params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
+        done = await collect(self.engines.engine_for(name).stream(prompt, params))
+        return done.text
 
     # -- routing ---------------------------------------------------------------------------
     def route(self, messages: list[Message], expert: str | None = None) -> RouteDecision:
@@ -93,13 +144,29 @@ class Orchestrator:
 
     # -- shaping ---------------------------------------------------------------------------
     def build_prompt(
-        self, expert: Expert, messages: list[Message], system: str | None = None
+        self,
+        expert: Expert,
+        messages: list[Message],
+        system: str | None = None,
+        shaping: Shaping = NO_SHAPING,
     ) -> Prompt:
-        """The expert's system prompt (or the caller's ``system``) before the conversation."""
+        """System text, then the strategy's demos, then the conversation.
+
+        The caller's ``system`` (or the conversation's own system messages) replaces the
+        expert's system prompt; otherwise the strategy's text (an identity, a region's
+        instruction) comes first and the expert's system prompt after it.
+        """
         turns = [m for m in messages if m.role != "system"]
-        given = [m.content for m in messages if m.role == "system"]
-        system_text = system if system is not None else ("\n\n".join(given) or expert.system_prompt)
-        final = ([Message("system", system_text)] if system_text else []) + turns
+        given = "\n\n".join(m.content for m in messages if m.role == "system")
+        if system is not None or given:
+            system_text: str | None = system if system is not None else given
+        else:
+            parts = [shaping.system, expert.system_prompt]
+            system_text = "\n\n".join(p for p in parts if p) or None
+        demos = []
+        for demo in shaping.demos:
+            demos += [Message("user", demo.input), Message("assistant", demo.output)]
+        final = ([Message("system", system_text)] if system_text else []) + demos + turns
         return Prompt(messages=tuple(final), format=expert.prompt_format)
 
     def sampling_for(self, expert: Expert, **overrides: Any) -> SamplingParams:
@@ -137,13 +204,18 @@ class Orchestrator:
             raise ValueError("the conversation has no user message")
         if decision is None:
             decision = self.route(msgs, expert)
+        shaping = NO_SHAPING
+        caller_system = system is not None or any(m.role == "system" for m in msgs)
+        if decision.strategy == "none" and not caller_system:
+            shaping = await self.strategies.shape(decision.category, msgs)
+            decision = with_shaping(decision, shaping)
         # The decision is the weight cache's prefetch signal: start moving the expert up now,
         # before the request reaches the head of its queue.
         prefetch = getattr(self.engines, "prefetch", None)
         if prefetch is not None:
             prefetch(decision.expert)
         chosen = self.config.expert(decision.expert)
-        prompt = self.build_prompt(chosen, msgs, system)
+        prompt = self.build_prompt(chosen, msgs, system, shaping)
         params = self.sampling_for(chosen, **sampling)
         engine = self.engines.engine_for(decision.expert)
         return decision, prompt, self._generate(engine, prompt, params, request_id)
@@ -187,6 +259,7 @@ class Orchestrator:
         )
 
     async def start(self, experts: list[str] | None = None) -> None:
+        self.strategies.check()
         await self.engines.start(experts)
 
     async def close(self) -> None:

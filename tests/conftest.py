@@ -131,3 +131,10 @@ def redis_up(redis_server: RedisProcess) -> RedisProcess:
     if redis_server.proc is None or redis_server.proc.poll() is not None:
         redis_server.start()
     return redis_server
+
+
+def coe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run the coe CLI as a user would, capturing its output."""
+    return subprocess.run(
+        [COE, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )

@@ -27,7 +27,7 @@ def home(tmp_path: Path, model_dir: Path) -> Path:
 def test_ask_json(test_pool_file: Path, home: Path) -> None:
     run = subprocess.run(
         [COE, "--config", str(test_pool_file), "ask", "--json", "--temperature", "0",
-         "Name the largest planet in the solar system."],
+         "--show-prompt", "Name the largest planet in the solar system."],
         capture_output=True, text=True, timeout=600, env=cli_env(COE_HOME=str(home)),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -37,6 +37,8 @@ def test_ask_json(test_pool_file: Path, home: Path) -> None:
     assert "Jupiter" in out["text"]
     assert out["usage"]["completion_tokens"] > 0 and out["usage"]["prompt_tokens"] > 0
     assert out["latency_s"] > 0
+    # --show-prompt: the exact text the expert read, in its format, on stderr.
+    assert "--- prompt for qa ---\n<bos>Question: Name the largest planet" in run.stderr
 
 
 def test_ask_unknown_expert_is_a_usage_error(test_pool_file: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,7 @@ import yaml
 
 from coe.models.variants import prepared_variant
 
-from .conftest import COE, TEST_EXPERT_DEFAULTS, cli_env
-
-
-def coe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COE, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
+from .conftest import TEST_EXPERT_DEFAULTS, coe
 
 
 @pytest.mark.engine

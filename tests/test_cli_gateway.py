@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,7 @@ import yaml
 
 from coe.gateway.auth import hash_key
 
-from .conftest import COE, RedisProcess, cli_env
-
-
-def coe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COE, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
+from .conftest import RedisProcess, coe
 
 
 def test_keys_new_prints_the_key_once_and_only_its_hash_for_the_config() -> None:

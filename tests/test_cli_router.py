@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from coe.paths import mt_bench_questions
 
-from .conftest import COE, cli_env
+from .conftest import coe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def coe(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COE, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
 
 
 def test_route_json_names_coding() -> None:

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 
-from coe.config import PoolConfig
+from coe.config import Category, ExpertPromptingSettings, PoolConfig
 from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
 from coe.engines.vllm_local import PromptTooLongError, VllmLocalEngine
 from coe.orchestrator import Orchestrator, UnknownExpertError
+from coe.prompts.identity import IdentityWriter
+from coe.store import MemoryStore
 
 pytestmark = pytest.mark.engine
 
@@ -141,3 +143,28 @@ async def test_engine_that_cannot_start_says_why(tmp_path) -> None:  # type: ign
     with pytest.raises(EngineError, match="engine broken failed to start for model") as info:
         await collect(engine.stream(Prompt((Message("user", "hi"),)), SamplingParams()))
     assert not info.value.retryable and not engine.ready
+
+
+async def test_expert_identity_written_by_the_real_engine(orch: Orchestrator) -> None:
+    """Expert-prompting's generated mode: the pool's fallback expert writes the identity."""
+    category = Category(name="stem", expert="qa", identity="You are a scientist.")
+    writer = IdentityWriter(
+        ExpertPromptingSettings(mode="generated", budget_s=120), MemoryStore(), orch._write
+    )
+    first = await writer.identity(category, "Explain how a rainbow forms.")
+    assert first.source == "generated", first
+    assert first.text.startswith("You ") and first.text != category.identity
+    second = await writer.identity(category, "Explain how a rainbow forms.")
+    assert (second.source, second.text) == ("cached", first.text)
+    # Over budget: the static identity at once; the writing finishes into the cache.
+    hurried = IdentityWriter(
+        ExpertPromptingSettings(mode="generated", budget_s=0.001), writer.store, orch._write
+    )
+    late = await hurried.identity(category, "Why do cats purr?")
+    assert (late.source, late.text) == ("fallback", "You are a scientist.")
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if (await hurried.identity(category, "Why do cats purr?")).source == "cached":
+            break
+    else:
+        pytest.fail("the identity written after the budget never reached the cache")

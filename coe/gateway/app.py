@@ -32,6 +32,7 @@ from coe.gateway.schema import (
     StoreHealth,
 )
 from coe.gateway.service import CACHE_CONTROL_HEADER, SESSION_HEADER, Call, ChatService
+from coe.orchestrator import with_shaping
 
 T = TypeVar("T")
 
@@ -133,7 +134,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         """Where a conversation would go, without generating."""
         messages = [m.to_message() for m in body.messages]
         decision, _ = await service.decide(body.model, messages)
-        return RouteResponse.model_validate(decision.as_dict())
+        shaping = service.orch.strategies.describe(decision.category, messages)
+        return RouteResponse.model_validate(with_shaping(decision, shaping).as_dict())
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:

@@ -222,6 +222,10 @@ class RouteResponse(BaseModel):
     reason: str
     latency_s: float
     alternatives: list[Alternative]
+    strategy: str = Field(description="none, expert_prompting or mixture_of_prompts")
+    region: int | None = Field(description="the mixture-of-prompts region")
+    identity: str | None = Field(description="the expert identity (expert-prompting)")
+    identity_source: str | None = Field(description="static, generated, cached or fallback")
 
 
 class StoreHealth(BaseModel):

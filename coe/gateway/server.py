@@ -58,6 +58,7 @@ class GatewayServer:
         self.runner = runner
         self.host = host
         self.store = runner.run(_open_store_on_loop(redis_url))
+        orchestrator.use_store(self.store)  # generated expert identities are cached there too
         self.service, self.keys = build_service(orchestrator, self.store, keys)
         self.app = create_app(self.service, self.keys)
         config = uvicorn.Config(

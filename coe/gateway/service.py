@@ -73,6 +73,7 @@ class Answer:
         data = json.loads(raw)
         d = data["decision"]
         alternatives = tuple((a["category"], a["probability"]) for a in d.pop("alternatives"))
+        # Entries are versioned by the store's key prefix; unknown fields mean another format.
         return cls(
             decision=RouteDecision(**d, alternatives=alternatives),
             texts=data["texts"],
@@ -104,6 +105,8 @@ def decision_headers(decision: RouteDecision, cache: str) -> dict[str, str]:
         headers["x-coe-category"] = decision.category
     if decision.confidence is not None:
         headers["x-coe-confidence"] = f"{decision.confidence:.4f}"
+    if decision.strategy != "none":
+        headers["x-coe-strategy"] = decision.strategy
     return headers
 
 
@@ -341,7 +344,10 @@ class ChatService:
         metrics.ROUTED.labels(decision.category or "", decision.expert, how).inc()
         return decision
 
-    async def _choices(self, call: Call, decision: RouteDecision) -> list[AsyncIterator[Chunk]]:
+    async def _choices(
+        self, call: Call, decision: RouteDecision
+    ) -> tuple[RouteDecision, list[AsyncIterator[Chunk]]]:
+        """The choices' streams, and the decision with the prompt strategy it was given."""
         sampling = call.request.sampling()
         if sampling["seed"] is None:
             sampling["seed"] = self.config.expert(decision.expert).sampling.seed
@@ -350,11 +356,11 @@ class ChatService:
             params = dict(sampling)
             if params["seed"] is not None:
                 params["seed"] = int(params["seed"]) + i  # n seeded choices must differ
-            _, _, chunks = await self.orch.stream(
+            shaped, _, chunks = await self.orch.stream(
                 call.messages, decision=decision, request_id=f"{call.id}-{i}", **params
             )
             streams.append(chunks)
-        return streams
+        return shaped, streams
 
     async def complete(self, call: Call) -> tuple[ChatCompletion, dict[str, str]]:
         # The cache key covers the model as asked ("auto" too) and everything that shapes the
@@ -364,7 +370,8 @@ class ChatService:
             return self._completion(call, cached), decision_headers(cached.decision, "hit")
         decision = await self._route(call)
         with _engine_errors(decision.expert):
-            results = await _collect_all(await self._choices(call, decision))
+            decision, streams = await self._choices(call, decision)
+            results = await _collect_all(streams)
         answer = Answer(
             decision=decision,
             texts=[text for text, _, _ in results],
@@ -400,7 +407,8 @@ class ChatService:
             return decision_headers(cached.decision, "hit"), self._replay(call, cached)
         decision = await self._route(call)
         with _engine_errors(decision.expert):
-            merged = _merge(await self._choices(call, decision))
+            decision, streams = await self._choices(call, decision)
+            merged = _merge(streams)
             first = await _first(merged)
         cache = self._cache_status(call, decision.expert)
         return decision_headers(decision, cache), self._sse(call, decision, cache, first, merged)

@@ -29,13 +29,38 @@ def format_stops(prompt: Prompt) -> tuple[str, ...]:
     return QA_STOPS if prompt.format == "qa" else ()
 
 
+def fold_system(messages: tuple[Message, ...] | list[Message]) -> list[Message]:
+    """The system text moved to the head of the first user turn, for templates without a
+    system role."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    turns = [m for m in messages if m.role != "system"]
+    if system and turns and turns[0].role == "user":
+        turns[0] = Message("user", f"{system}\n\n{turns[0].content}")
+    return turns
+
+
 def render_text(tokenizer: Any, prompt: Prompt) -> str:
-    """The exact text the model is given (special tokens included), e.g. for --show-prompt."""
+    """The exact text the model is given (special tokens included), e.g. for --show-prompt.
+
+    The model's own chat template renders chat prompts; a template that refuses a system role
+    (it raises, as Mistral's and Gemma's originals do) gets the system text folded into the
+    first user turn instead.
+    """
     if prompt.format == "qa":
         return (tokenizer.bos_token or "") + render_qa(prompt.messages)
-    return tokenizer.apply_chat_template(
-        [m.as_dict() for m in prompt.messages], add_generation_prompt=True, tokenize=False
-    )
+    from jinja2.exceptions import TemplateError
+
+    def apply(messages: tuple[Message, ...] | list[Message]) -> str:
+        return tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False
+        )
+
+    try:
+        return apply(prompt.messages)
+    except TemplateError:
+        if not any(m.role == "system" for m in prompt.messages):
+            raise
+        return apply(fold_system(prompt.messages))
 
 
 def render_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:

@@ -21,6 +21,12 @@ class RouteDecision:
     latency_s: float = 0.0
     # The runner-up categories with their probabilities, best first (the winner not included).
     alternatives: tuple[tuple[str, float], ...] = ()
+    # The category's prompt strategy as applied (coe.prompts.strategies): its name, the
+    # mixture-of-prompts region, the expert identity and where that came from.
+    strategy: str = "none"
+    region: int | None = None
+    identity: str | None = None
+    identity_source: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

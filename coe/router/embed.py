@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from coe.router.base import Embedder
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Backend = Literal["onnx-int8", "torch"]
@@ -219,3 +222,34 @@ def describe(embedder: _BaseEmbedder) -> dict[str, object]:
         "max_seq_length": embedder.max_seq_length,
         "tail_tokens": getattr(embedder, "tail_tokens", 0),
     }
+
+
+class RecentEmbeddings:
+    """An embedder that remembers its last few single-text embeddings.
+
+    The router embeds a one-turn conversation's text, and mixture-of-prompts then embeds the same
+    text to find its region: the second embedding is a lookup instead of a model run.
+    """
+
+    def __init__(self, inner: Embedder, size: int = 256):
+        self.inner = inner
+        self.size = size
+        self.model_id = inner.model_id
+        self.fingerprint = inner.fingerprint
+        self.dim = inner.dim
+        self.backend = inner.backend
+        self.max_seq_length = inner.max_seq_length
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) != 1:
+            return self.inner.encode(texts)
+        text = texts[0]
+        found = self._recent.get(text)
+        if found is None:
+            found = self._recent[text] = self.inner.encode([text])[0]
+            if len(self._recent) > self.size:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(text)
+        return found[None, :]

@@ -140,12 +140,20 @@ def _check_expert(cfg: PoolConfig, expert: str | None) -> None:
 
 
 def _experts_to_start(cfg: PoolConfig, expert: str | None) -> list[str]:
-    """The expert asked for; else every expert the router can send a request to."""
+    """The expert asked for, else every expert the router can send a request to; and the
+    identity writer when identities are generated."""
     if expert is not None:
-        return [expert]
-    if cfg.router.path is None:
-        return [cfg.category(cfg.router.fallback).expert]
-    return list(dict.fromkeys(c.expert for c in cfg.categories))
+        chosen = [expert]
+    elif cfg.router.path is None:
+        chosen = [cfg.category(cfg.router.fallback).expert]
+    else:
+        chosen = [c.expert for c in cfg.categories]
+    settings = cfg.strategies.expert_prompting
+    if settings.mode == "generated" and any(
+        c.strategy == "expert_prompting" for c in cfg.categories
+    ):
+        chosen.append(settings.writer or cfg.category(cfg.router.fallback).expert)
+    return list(dict.fromkeys(chosen))
 
 
 def _sampling_options(f: Any) -> Any:
@@ -239,12 +247,13 @@ async def _final_prompt(
     """The exact text the chosen expert reads: its template, strategy and system prompt."""
     from coe.orchestrator import to_messages
     from coe.prompts.render import render_qa, render_text
-    from coe.prompts.strategies import NONE
 
-    msgs = to_messages(messages)
-    decision = orch.route(msgs, expert)
-    shaping = NONE if system is not None else await orch.strategies.shape(decision.category, msgs)
-    prompt = orch.build_prompt(orch.config.expert(decision.expert), msgs, system, shaping)
+    # The same call a request makes (the identity it writes is cached for the answer itself);
+    # its token stream is dropped before it starts, so nothing is generated here.
+    decision, prompt, chunks = await orch.stream(
+        to_messages(messages), expert=expert, system=system
+    )
+    await chunks.aclose()  # type: ignore[attr-defined]
     tokenizer = getattr(orch.engines.engine_for(decision.expert), "tokenizer", None)
     if tokenizer is not None:
         text = render_text(tokenizer, prompt)

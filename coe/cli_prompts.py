@@ -112,6 +112,8 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         try:
             with tempfile.TemporaryDirectory() as work:
                 result = run_prompts_bench(cfg, router, runner, count, generated, Path(work))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         finally:
             runner.close()
         if as_json:

@@ -87,13 +87,22 @@ class Orchestrator:
         if router is not None and hasattr(router, "embedder"):
             # Router and mixture-of-prompts share one embedder, and its recent results.
             router.embedder = self._embedder = RecentEmbeddings(router.embedder)
+        self.strategies = Strategies(self.config, self.embedder)
         self.use_store(store or MemoryStore())
+
+    @property
+    def identity_writer(self) -> str:
+        """The expert that writes generated identities."""
+        settings = self.config.strategies.expert_prompting
+        return settings.writer or self.config.category(self.config.router.fallback).expert
 
     def use_store(self, store: Store) -> None:
         """Where generated expert identities are cached (the gateway passes its Redis)."""
         self.store = store
-        writer = IdentityWriter(self.config.strategies.expert_prompting, store, self._write)
-        self.strategies = Strategies(self.config, self.embedder, writer)
+        settings = self.config.strategies.expert_prompting
+        self.strategies.writer = IdentityWriter(
+            settings, store, self._write, writer_name=self.identity_writer
+        )
 
     def embedder(self) -> Embedder:
         """The router's embedder (mixture-of-prompts regions live in its space)."""
@@ -109,7 +118,7 @@ class Orchestrator:
     async def _write(self, messages: list[Message]) -> str:
         """Generate with the identity writer expert (greedy): expert-prompting's second LLM."""
         settings = self.config.strategies.expert_prompting
-        name = settings.writer or self.config.category(self.config.router.fallback).expert
+        name = self.identity_writer
         writer = self.config.expert(name)
         prompt = Prompt(messages=tuple(messages), format=writer.prompt_format)
         params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
@@ -192,33 +201,43 @@ class Orchestrator:
         system: str | None = None,
         request_id: str | None = None,
         decision: RouteDecision | None = None,
+        shaping: Shaping | None = None,
         **sampling: Any,
     ) -> tuple[RouteDecision, Prompt, AsyncIterator[Chunk]]:
         """Route and shape now; return the decision, the final prompt and the token stream.
 
         A caller that already decided (the gateway: a sticky session, several choices of one
-        request) passes ``decision`` and routing is skipped.
+        request) passes ``decision`` and routing is skipped, and ``shaping`` (from ``shape``)
+        so that the prompt strategy runs once per request, not once per choice.
         """
         msgs = to_messages(messages)
         if not any(m.role == "user" for m in msgs):
             raise ValueError("the conversation has no user message")
         if decision is None:
             decision = self.route(msgs, expert)
-        shaping = NO_SHAPING
-        caller_system = system is not None or any(m.role == "system" for m in msgs)
-        if decision.strategy == "none" and not caller_system:
-            shaping = await self.strategies.shape(decision.category, msgs)
-            decision = with_shaping(decision, shaping)
         # The decision is the weight cache's prefetch signal: start moving the expert up now,
-        # before the request reaches the head of its queue.
+        # before the request reaches the head of its queue (and before any identity writing).
         prefetch = getattr(self.engines, "prefetch", None)
         if prefetch is not None:
             prefetch(decision.expert)
+        if shaping is None:
+            shaping = await self.shape(decision, msgs, system)
+        decision = with_shaping(decision, shaping)
         chosen = self.config.expert(decision.expert)
         prompt = self.build_prompt(chosen, msgs, system, shaping)
         params = self.sampling_for(chosen, **sampling)
         engine = self.engines.engine_for(decision.expert)
         return decision, prompt, self._generate(engine, prompt, params, request_id)
+
+    async def shape(
+        self, decision: RouteDecision, messages: list[Message], system: str | None = None
+    ) -> Shaping:
+        """The category's prompt strategy for this conversation. A system prompt from the
+        caller replaces the strategy's text (identity or instruction); demos still apply."""
+        shaping = await self.strategies.shape(decision.category, messages)
+        if system is not None or any(m.role == "system" for m in messages):
+            shaping = replace(shaping, system=None, identity=None, identity_source=None)
+        return shaping
 
     async def _generate(
         self, engine: Any, prompt: Prompt, params: SamplingParams, request_id: str | None

@@ -122,6 +122,12 @@ def test_artifacts_round_trip_without_pickle(tmp_path: Path) -> None:
     loaded = load_mixture(folder)
     assert loaded.instructions == mixture.instructions and loaded.demos == mixture.demos
     assert np.array_equal(loaded.centroids, mixture.centroids)
+    # A description that is not one is named, not a traceback.
+    meta = json.loads((folder / "mixture.json").read_text())
+    (folder / "mixture.json").write_text(json.dumps({**meta, "demos": [{"in": "x"}]}))
+    with pytest.raises(MixtureError, match="incomplete"):
+        load_mixture(folder)
+    (folder / "mixture.json").write_text(json.dumps(meta))
     # An array file that needs pickle (object arrays) is refused, not executed.
     np.savez(folder / "arrays.npz", centroids=np.array([{"x": 1}], dtype=object))
     with pytest.raises(MixtureError, match="coe prompts fit"):

@@ -125,7 +125,13 @@ def run_prompts_bench(
     orch = Orchestrator(pool, router=router)
     fit_mixture(MIXTURE_CATEGORY, demos, CANDIDATES, orch.embedder(), seed=0).save(folder)
     orch.strategies.check()
-    static_category = next(c.name for c in pool.categories if c.strategy == "expert_prompting")
+    identities = [c.name for c in pool.categories if c.strategy == "expert_prompting"]
+    if not identities or MIXTURE_CATEGORY not in pool.category_names:
+        raise ValueError(
+            f"the benchmark needs a category {MIXTURE_CATEGORY!r} and one with "
+            "strategy expert_prompting (the default pool has both)"
+        )
+    static_category = identities[0]
 
     sample = [r["prompt"] for r in rows[:: max(1, len(rows) // prompts)]][:prompts]
     routing, static, mixture = [], [], []
@@ -141,8 +147,7 @@ def run_prompts_bench(
         orch.strategies.describe(MIXTURE_CATEGORY, messages)
         mixture.append(time.perf_counter() - t0)
 
-    fallback = pool.category(pool.router.fallback).expert
-    runner.run(orch.start([fallback]))
+    runner.run(orch.start([orch.identity_writer]))
     try:
         misses, hits = [], []
         for text in sample[:generated]:

@@ -134,7 +134,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         """Where a conversation would go, without generating."""
         messages = [m.to_message() for m in body.messages]
         decision, _ = await service.decide(body.model, messages)
-        shaping = service.orch.strategies.describe(decision.category, messages)
+        describe = service.orch.strategies.describe
+        shaping = await asyncio.to_thread(describe, decision.category, messages)
         return RouteResponse.model_validate(with_shaping(decision, shaping).as_dict())
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})

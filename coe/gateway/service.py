@@ -35,7 +35,8 @@ from coe.gateway.schema import (
     ModelList,
     UsageInfo,
 )
-from coe.orchestrator import Orchestrator
+from coe.orchestrator import Orchestrator, with_shaping
+from coe.prompts.mixture import MixtureError
 from coe.router.base import RouteDecision
 from coe.store import Store
 
@@ -127,6 +128,7 @@ class ChatService:
         pool = hashlib.sha256(config.model_dump_json(exclude={"gateway", "store"}).encode())
         # ... nor a router refitted in place.
         pool.update(_router_fingerprint(orchestrator.router).encode())
+        pool.update(orchestrator.strategies.fingerprint().encode())
         self.pool_fingerprint = pool.hexdigest()[:16]
         self.created = int(time.time())
         # Accounting that must finish even when the client has gone (its task is cancelled).
@@ -331,11 +333,14 @@ class ChatService:
             await self.store.set(self._cache_key(call), answer.to_json(), ttl)
         await self._remember(call, answer)
 
-    def _cache_status(self, call: Call, expert: str) -> str:
+    def _cache_status(self, call: Call, decision: RouteDecision) -> str:
         """For a generated answer: "miss" when it will be cached, else "bypass"."""
         if not self.store.healthy:
             return "bypass"
-        storable = self._cache_enabled(call) and self._storable(call, expert)
+        if decision.identity_source == "fallback":
+            # The generated identity was late: a repeat will get it, so do not keep this one.
+            return "bypass"
+        storable = self._cache_enabled(call) and self._storable(call, decision.expert)
         return "miss" if storable else "bypass"
 
     # -- generation --------------------------------------------------------------------------
@@ -348,6 +353,9 @@ class ChatService:
         self, call: Call, decision: RouteDecision
     ) -> tuple[RouteDecision, list[AsyncIterator[Chunk]]]:
         """The choices' streams, and the decision with the prompt strategy it was given."""
+        # The prompt strategy runs once per request: every choice gets the same shaping.
+        shaping = await self.orch.shape(decision, call.messages)
+        decision = with_shaping(decision, shaping)
         sampling = call.request.sampling()
         if sampling["seed"] is None:
             sampling["seed"] = self.config.expert(decision.expert).sampling.seed
@@ -356,11 +364,15 @@ class ChatService:
             params = dict(sampling)
             if params["seed"] is not None:
                 params["seed"] = int(params["seed"]) + i  # n seeded choices must differ
-            shaped, _, chunks = await self.orch.stream(
-                call.messages, decision=decision, request_id=f"{call.id}-{i}", **params
+            _, _, chunks = await self.orch.stream(
+                call.messages,
+                decision=decision,
+                shaping=shaping,
+                request_id=f"{call.id}-{i}",
+                **params,
             )
             streams.append(chunks)
-        return shaped, streams
+        return decision, streams
 
     async def complete(self, call: Call) -> tuple[ChatCompletion, dict[str, str]]:
         # The cache key covers the model as asked ("auto" too) and everything that shapes the
@@ -377,7 +389,7 @@ class ChatService:
             texts=[text for text, _, _ in results],
             finish_reasons=[finish for _, finish, _ in results],
             usage=_total_usage([usage for _, _, usage in results]),
-            cache=self._cache_status(call, decision.expert),
+            cache=self._cache_status(call, decision),
         )
         self._account(call, decision.expert, answer.usage)
         await self._keep(call, answer)
@@ -410,7 +422,7 @@ class ChatService:
             decision, streams = await self._choices(call, decision)
             merged = _merge(streams)
             first = await _first(merged)
-        cache = self._cache_status(call, decision.expert)
+        cache = self._cache_status(call, decision)
         return decision_headers(decision, cache), self._sse(call, decision, cache, first, merged)
 
     async def _sse(
@@ -543,6 +555,11 @@ async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[tuple[str, s
 def _api_error(exc: BaseException, expert: str) -> APIError:
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, MixtureError):  # the server's own files: not the client's doing
+        log.error("prompt regions for expert %s could not be used: %s", expert, exc)
+        return APIError(
+            500, "the category's prompt strategy could not be loaded", type="server_error"
+        )
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineError):

@@ -91,26 +91,46 @@ class Identity:
 WriteFn = Callable[[list[Message]], Awaitable[str]]
 
 
+# Only the start of a long instruction is sent to the writer: it says what the task is.
+INSTRUCTION_CHARS = 2000
+# A failed writing is remembered this long, so repeats of the prompt do not wait for it again.
+FAILURE_TTL_S = 300
+_FAILED = b""
+
+
 class IdentityWriter:
-    def __init__(self, settings: ExpertPromptingSettings, store: Store, write: WriteFn):
+    def __init__(
+        self,
+        settings: ExpertPromptingSettings,
+        store: Store,
+        write: WriteFn,
+        writer_name: str | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.write = write
+        self.writer_name = writer_name or settings.writer
         self._pending: dict[str, asyncio.Task[str | None]] = {}
 
     def key(self, instruction: str) -> str:
-        digest = hashlib.sha256(f"{self.settings.writer}\n{instruction}".encode()).hexdigest()
+        # Keyed by the expert that writes: another writer means other identities.
+        digest = hashlib.sha256(f"{self.writer_name}\n{instruction}".encode()).hexdigest()
         return "identity:" + digest
 
     async def identity(self, category: Category, instruction: str) -> Identity:
         static = static_identity(category)
         if self.settings.mode == "static":
             return Identity(static, "static")
+        instruction = instruction.strip()[:INSTRUCTION_CHARS]
         key = self.key(instruction)
-        cached = await self.store.get(key)
-        if cached is not None:
-            return Identity(cached.decode(), "cached")
         task = self._pending.get(key)
+        if task is None:
+            cached = await self.store.get(key)
+            if cached == _FAILED:
+                return Identity(static, "fallback")
+            if cached is not None:
+                return Identity(cached.decode(), "cached")
+            task = self._pending.get(key)  # another request may have started it meanwhile
         if task is None:
             # One writing per instruction at a time; it outlives a budget that runs out, and
             # stores what it wrote for the next request.
@@ -127,7 +147,9 @@ class IdentityWriter:
             text = clean_identity(await self.write(writer_prompt(instruction)))
         except Exception as exc:  # a failed identity must never fail the request itself
             log.warning("expert identity not written (%s); using the static one", exc)
-            return None
-        if text is not None:
+            text = None
+        if text is None:
+            await self.store.set(key, _FAILED, FAILURE_TTL_S)
+        else:
             await self.store.set(key, text.encode(), self.settings.cache_ttl_s)
         return text

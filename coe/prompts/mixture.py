@@ -144,22 +144,38 @@ def load_mixture(folder: Path | str) -> MixtureOfPrompts:
             f"{folder}: not a mixture-of-prompts folder ({exc}); build it with "
             "`coe prompts fit DEMOS.jsonl --category NAME --out FOLDER`"
         ) from None
-    if meta.get("format") != FORMAT:
-        raise MixtureError(f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    demos = [Demo(d["input"], d["output"]) for d in meta["demos"]]
-    if len(meta["instructions"]) != len(centroids) or len(demos) != len(regions):
-        raise MixtureError(f"{folder}: {META_FILE} and {ARRAYS_FILE} do not match")
-    return MixtureOfPrompts(
-        category=meta["category"],
-        embedder=meta["embedder"],
-        instructions=meta["instructions"],
-        centroids=centroids,
-        demos=demos,
-        demo_regions=regions,
-        demo_embeddings=embeddings,
-        scores=meta["scores"],
-        path=folder,
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise MixtureError(f"{folder}: format {found!r}, expected {FORMAT!r}")
+    try:
+        demos = [Demo(str(d["input"]), str(d["output"])) for d in meta["demos"]]
+        mixture = MixtureOfPrompts(
+            category=str(meta["category"]),
+            embedder=dict(meta["embedder"]),
+            instructions=[str(i) for i in meta["instructions"]],
+            centroids=centroids,
+            demos=demos,
+            demo_regions=regions,
+            demo_embeddings=embeddings,
+            scores=[float(x) for x in meta["scores"]],
+            path=folder,
+        )
+        dim = int(mixture.embedder["dim"])
+        str(mixture.embedder["fingerprint"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MixtureError(f"{folder}: {META_FILE} is incomplete ({exc!r})") from None
+    consistent = (
+        centroids.ndim == 2
+        and centroids.shape == (len(mixture.instructions), dim)
+        and embeddings.shape == (len(demos), dim)
+        and regions.shape == (len(demos),)
+        and len(demos) > 0
+        and int(regions.min()) >= 0
+        and int(regions.max()) < len(mixture.instructions)
     )
+    if not consistent:
+        raise MixtureError(f"{folder}: {META_FILE} and {ARRAYS_FILE} do not match")
+    return mixture
 
 
 def read_demos(path: Path) -> list[Demo]:

@@ -7,6 +7,8 @@ user/assistant turns). The instruction a strategy looks at is the conversation's
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,17 @@ class Strategies:
             self._mixtures[category.name] = mixture
         return self._mixtures[category.name]
 
+    def fingerprint(self) -> str:
+        """A hash of every category's region files: cached answers end when they change."""
+        digest = hashlib.sha256()
+        for category in self.config.categories:
+            if category.strategy == "mixture_of_prompts" and category.prompts is not None:
+                folder = self.config.resolve_path(category.prompts)
+                for path in sorted(folder.glob("*")):
+                    if path.is_file():
+                        digest.update(path.name.encode() + path.read_bytes())
+        return digest.hexdigest()
+
     def check(self) -> None:
         """Load every category's regions now, so a broken folder fails at start, clearly."""
         for category in self.config.categories:
@@ -109,7 +122,12 @@ class Strategies:
 
     async def shape(self, category_name: str | None, messages: Sequence[Message]) -> Shaping:
         category = self._category(category_name)
-        if category is None or category.strategy != "expert_prompting" or self.writer is None:
+        if category is None or category.strategy == "none":
+            return NONE
+        if category.strategy == "mixture_of_prompts":
+            # An embedding may take milliseconds of CPU: off the event loop.
+            return await asyncio.to_thread(self.describe, category_name, messages)
+        if self.writer is None:
             return self.describe(category_name, messages)
         found = await self.writer.identity(category, last_instruction(messages))
         return Shaping(

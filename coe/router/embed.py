@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,16 +241,21 @@ class RecentEmbeddings:
         self.backend = inner.backend
         self.max_seq_length = inner.max_seq_length
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        # The router embeds in worker threads, strategies on others: guard the dictionary.
+        self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) != 1:
             return self.inner.encode(texts)
         text = texts[0]
-        found = self._recent.get(text)
-        if found is None:
-            found = self._recent[text] = self.inner.encode([text])[0]
-            if len(self._recent) > self.size:
+        with self._lock:
+            found = self._recent.get(text)
+            if found is not None:
+                self._recent.move_to_end(text)
+                return found[None, :]
+        found = self.inner.encode([text])[0]  # outside the lock: the model run is the slow part
+        with self._lock:
+            self._recent[text] = found
+            while len(self._recent) > self.size:
                 self._recent.popitem(last=False)
-        else:
-            self._recent.move_to_end(text)
         return found[None, :]

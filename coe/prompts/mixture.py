@@ -3,9 +3,12 @@ split into regions of the embedding space; each region keeps its own instruction
 and a prompt is answered with its nearest region's.
 
 Fitting: the demos' inputs are embedded with the router's embedder and clustered with K-means for
-every k up to a limit; k minimises the inertia scaled by k=1's plus a penalty per region (more
-regions must buy a real drop in spread). Each region's instruction is the candidate closest to
-its demos in the same embedding space (the mean cosine similarity to the demos' input and output).
+every k up to a limit; k minimises the scaled inertia plus a penalty per region. The inertia is
+scaled to the range it spans over the k tried (1 at k=1, 0 at the most), because sentence
+embeddings are spread out: three distinct tasks lower the raw inertia by only about 4% a region,
+sub-topics by a little less, so a penalty on raw ratios would pick one region or all of them.
+Each region's instruction is the candidate closest to its demos in the same embedding space (the
+mean cosine similarity to the demos' input and output).
 Artifacts are JSON plus a NumPy ``.npz`` read without pickle.
 """
 
@@ -25,9 +28,9 @@ from coe.router.base import Embedder
 FORMAT = "coe-mixture-of-prompts/1"
 META_FILE = "mixture.json"
 ARRAYS_FILE = "arrays.npz"
-# Extra regions must each lower the scaled inertia by more than this. Sentence embeddings of
-# distinct tasks lower it by about 0.15 a region, of sub-topics within a task by under 0.09.
-REGION_PENALTY = 0.1
+# Going from 1 region to the most tried costs this much, in units of the scaled inertia: a region
+# must remove more than its share of the spread that all of them remove.
+REGION_PENALTY = 1.0
 MAX_REGIONS = 8
 
 
@@ -57,8 +60,13 @@ def choose_regions(
     for k in range(1, limit + 1):
         km = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x)
         fits.append(km)
-    base = fits[0].inertia_ or 1e-12
-    scores = [float(km.inertia_ / base + penalty * k) for k, km in enumerate(fits, start=1)]
+    first, last = fits[0].inertia_, fits[-1].inertia_
+    if limit == 1 or first - last <= 1e-9 * max(first, 1e-12):
+        return 1, fits[0].cluster_centers_.astype(np.float32), fits[0].labels_, [0.0]
+    scores = [
+        float((km.inertia_ - last) / (first - last) + penalty * (k - 1) / (limit - 1))
+        for k, km in enumerate(fits, start=1)
+    ]
     best = int(np.argmin(scores))
     km = fits[best]
     return best + 1, km.cluster_centers_.astype(np.float32), km.labels_.astype(np.int64), scores

@@ -7,19 +7,8 @@ from typing import Any
 
 import click
 
+from coe.bench.report import print_table
 from coe.config import VllmOptions
-
-
-def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
 
 
 def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
@@ -51,7 +40,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             return
         r = result
         floor = f"{r.floor_checkpoint_bytes_s:.4f} ({r.floor_kind}, {r.checkpoint_bytes:,} B)"
-        _table(
+        print_table(
             f"swap benchmark ({r.device}): {r.checkpoint_bytes / 1e6:,.0f} MB checkpoint",
             ("measure", "seconds", "note"),
             [
@@ -138,7 +127,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             )
             for m in result.modes.values()
         ]
-        _table(
+        print_table(
             f"pool benchmark: {n_experts} experts, 1 slot, {requests} requests x {tokens} tokens, "
             f"{rate}/s",
             ("mode", "tokens/s", "p50 latency (s)", "p95 latency (s)", "switches"),

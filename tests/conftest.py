@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +139,23 @@ def coe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [COE, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
     )
+
+
+def wait_for_health(
+    proc: subprocess.Popen[bytes], base: str, log_path: Path, what: str, timeout_s: float = 420
+) -> None:
+    """Wait for a server subprocess's GET /health to answer 200; fail with its log if it exits
+    or does not get there in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not ready in {timeout_s:.0f}s:\n{log_path.read_text()}")
+        time.sleep(1)

@@ -132,3 +132,21 @@ def test_api_keys_are_hashes_with_unique_names(tmp_path: Path) -> None:
     found = problems_of(write(tmp_path, data))
     assert "gateway.api_keys[1].name: 'alice' is used twice" in found
     assert any(p.startswith("gateway.api_keys[1].sha256: the same key as 'alice'") for p in found)
+
+
+def test_strategy_settings_are_checked(tmp_path: Path) -> None:
+    data = pool_dict()
+    data["experts"][0]["name"] = "auto"
+    data["categories"][0]["expert"] = "auto"
+    data["categories"][1]["strategy"] = "mixture_of_prompts"
+    data["strategies"] = {"expert_prompting": {"writer": "ghost"}}
+    found = problems_of(write(tmp_path, data))
+    assert any(p.startswith("experts[0].name: 'auto' is reserved") for p in found)
+    assert any(
+        p.startswith("categories[1].prompts: required when strategy is mixture_of_prompts")
+        for p in found
+    )
+    assert any(
+        p.startswith("strategies.expert_prompting.writer: 'ghost' is not a defined expert")
+        for p in found
+    )

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
 
-from .conftest import free_port
+from .conftest import free_port, wait_for_health
 
 pytestmark = pytest.mark.engine
 
@@ -44,19 +42,7 @@ def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vllm serve exited with {server.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not ready in {START_TIMEOUT_S}s:\n{log_path.read_text()}")
-            time.sleep(1)
+        wait_for_health(server, base, log_path, "vllm serve", START_TIMEOUT_S)
         yield f"{base}/v1"
     finally:
         server.terminate()

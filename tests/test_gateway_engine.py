@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,15 @@ import yaml
 
 from coe.gateway.auth import hash_key
 
-from .conftest import COE, REPO, TEST_EXPERT_DEFAULTS, RedisProcess, cli_env, free_port
+from .conftest import (
+    COE,
+    REPO,
+    TEST_EXPERT_DEFAULTS,
+    RedisProcess,
+    cli_env,
+    free_port,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -60,18 +67,7 @@ def gateway(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env())
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"coe serve exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"coe serve not ready in {START_TIMEOUT_S}s:\n{log_path.read_text()}")
-            time.sleep(1)
+        wait_for_health(proc, base, log_path, "coe serve", START_TIMEOUT_S)
         yield base
     finally:
         proc.terminate()

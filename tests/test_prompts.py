@@ -278,14 +278,19 @@ def tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def test_template_with_a_system_role_keeps_it(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    tokenizer.chat_template = CHATML
+def render_with(tokenizer, template: str) -> str:  # type: ignore[no-untyped-def]
+    """A system + user prompt rendered with ``template`` in place of the model's own."""
+    tokenizer.chat_template = template
     try:
-        text = render_text(
+        return render_text(
             tokenizer, Prompt((Message("system", "You are terse."), Message("user", "Hi")))
         )
     finally:
         tokenizer.chat_template = None
+
+
+def test_template_with_a_system_role_keeps_it(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    text = render_with(tokenizer, CHATML)
     assert text == (
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\n"
@@ -293,13 +298,7 @@ def test_template_with_a_system_role_keeps_it(tokenizer) -> None:  # type: ignor
 
 
 def test_template_without_a_system_role_gets_it_folded(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    tokenizer.chat_template = NO_SYSTEM
-    try:
-        text = render_text(
-            tokenizer, Prompt((Message("system", "You are terse."), Message("user", "Hi")))
-        )
-    finally:
-        tokenizer.chat_template = None
+    text = render_with(tokenizer, NO_SYSTEM)
     assert text == "[user] You are terse.\n\nHi\n"
     assert fold_system([Message("system", "S"), Message("user", "U")]) == [
         Message("user", "S\n\nU")
@@ -312,3 +311,19 @@ def test_route_json_names_the_strategy(tmp_path: Path) -> None:
     out = json.loads(run.stdout)
     assert out["category"] == "writing" and out["strategy"] == "expert_prompting"
     assert out["identity"].startswith("You are") and out["identity_source"] == "static"
+
+
+async def test_missing_region_folder_fails_at_start_naming_the_fix(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "experts": [{"name": "e", "model": "/x"}],
+            "categories": [
+                {"name": "general", "expert": "e", "strategy": "mixture_of_prompts",
+                 "prompts": "regions/general"},
+            ],
+        },
+        tmp_path / "experts.yaml",
+    )  # fmt: skip
+    orch = Orchestrator(config, engines=object())  # type: ignore[arg-type]
+    with pytest.raises(MixtureError, match=r"regions/general.*coe prompts fit"):
+        await orch.start()

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from coe.bench.report import percentile_ms, print_table
 from coe.engines.base import Message, collect
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
@@ -26,11 +27,6 @@ PROMPT = "Name the largest planet in the solar system."
 CONCURRENCY = 16
 TARGET_OVERHEAD_P50_MS = 3.0
 TARGET_CACHE_HIT_P50_MS = 2.0
-
-
-def _ms(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
 @dataclass
@@ -58,38 +54,22 @@ class GatewayBench:
         return asdict(self)
 
     def print_table(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(
-            title=f"gateway benchmark: expert {self.expert}, {self.tokens} token(s), "
-            f"{self.requests} requests per measurement, {self.store} store"
-        )
-        for col in ("measure", "p50 ms", "p99 ms", "note"):
-            table.add_column(col)
-        table.add_row(
-            "straight to the engine", f"{self.direct_p50_ms}", f"{self.direct_p99_ms}", "reference"
-        )
-        table.add_row(
-            "through the gateway",
-            f"{self.gateway_p50_ms}",
-            f"{self.gateway_p99_ms}",
-            f"model {self.expert}, non-streaming",
-        )
-        table.add_row(
-            "gateway overhead",
-            f"{self.overhead_p50_ms}",
-            f"{self.overhead_p99_ms}",
-            f"target p50 <= {self.target_overhead_p50_ms} ms",
-        )
-        table.add_row("through the gateway, model auto", f"{self.auto_p50_ms}", "", "adds routing")
-        table.add_row(
-            "response-cache hit",
-            f"{self.cache_hit_p50_ms}",
-            f"{self.cache_hit_p99_ms}",
-            f"target p50 <= {self.target_cache_hit_p50_ms} ms",
-        )
-        Console().print(table)
+        print_table(
+            f"gateway benchmark: expert {self.expert}, {self.tokens} token(s), "
+            f"{self.requests} requests per measurement, {self.store} store",
+            ("measure", "p50 ms", "p99 ms", "note"),
+            [
+                ("straight to the engine", f"{self.direct_p50_ms}", f"{self.direct_p99_ms}",
+                 "reference"),
+                ("through the gateway", f"{self.gateway_p50_ms}", f"{self.gateway_p99_ms}",
+                 f"model {self.expert}, non-streaming"),
+                ("gateway overhead", f"{self.overhead_p50_ms}", f"{self.overhead_p99_ms}",
+                 f"target p50 <= {self.target_overhead_p50_ms} ms"),
+                ("through the gateway, model auto", f"{self.auto_p50_ms}", "", "adds routing"),
+                ("response-cache hit", f"{self.cache_hit_p50_ms}", f"{self.cache_hit_p99_ms}",
+                 f"target p50 <= {self.target_cache_hit_p50_ms} ms"),
+            ],
+        )  # fmt: skip
         print(
             f"throughput at {self.concurrency} concurrent requests: gateway "
             f"{self.gateway_requests_s} req/s, "
@@ -186,15 +166,15 @@ def _measure(
         store=server.store.kind,
         requests=len(gateway_s),
         tokens=tokens,
-        direct_p50_ms=_ms(direct_s, 0.5),
-        direct_p99_ms=_ms(direct_s, 0.99),
-        gateway_p50_ms=_ms(gateway_s, 0.5),
-        gateway_p99_ms=_ms(gateway_s, 0.99),
+        direct_p50_ms=percentile_ms(direct_s, 0.5),
+        direct_p99_ms=percentile_ms(direct_s, 0.99),
+        gateway_p50_ms=percentile_ms(gateway_s, 0.5),
+        gateway_p99_ms=percentile_ms(gateway_s, 0.99),
         overhead_p50_ms=round(1000 * statistics.median(overhead), 3),
-        overhead_p99_ms=_ms(overhead, 0.99),
-        auto_p50_ms=_ms(auto_s, 0.5),
-        cache_hit_p50_ms=_ms(hits, 0.5),
-        cache_hit_p99_ms=_ms(hits, 0.99),
+        overhead_p99_ms=percentile_ms(overhead, 0.99),
+        auto_p50_ms=percentile_ms(auto_s, 0.5),
+        cache_hit_p50_ms=percentile_ms(hits, 0.5),
+        cache_hit_p99_ms=percentile_ms(hits, 0.99),
         direct_requests_s=direct_rps,
         gateway_requests_s=gateway_rps,
         concurrency=CONCURRENCY,

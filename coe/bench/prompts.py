@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from coe.bench.report import percentile_ms, print_table
 from coe.config import PoolConfig
 from coe.engines.base import Message
 from coe.orchestrator import Orchestrator
@@ -30,11 +31,6 @@ CANDIDATES = (
     "Set up the equation first, then solve it and check the result.",
     "Explain the idea behind the method before the computation.",
 )
-
-
-def _ms(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
 @dataclass
@@ -56,40 +52,22 @@ class PromptsBench:
         return asdict(self)
 
     def print_table(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(
-            title=f"prompt strategies: added latency per request ({self.prompts} prompts)"
-        )
-        for col in ("strategy", "p50 ms", "p99 ms", "note"):
-            table.add_column(col)
-        table.add_row("routing (reference)", f"{self.routing_p50_ms}", "", "embedding + classifier")
-        table.add_row(
-            "expert-prompting, static",
-            f"{self.static_p50_ms}",
-            f"{self.static_p99_ms}",
-            f"target <= {self.target_ms}",
-        )
-        table.add_row(
-            "mixture-of-prompts lookup",
-            f"{self.mixture_p50_ms}",
-            f"{self.mixture_p99_ms}",
-            f"{self.mixture_regions} regions; target <= {self.target_ms}",
-        )
-        table.add_row(
-            "expert-prompting, generated (miss)",
-            f"{self.generated_miss_p50_ms}",
-            "",
-            f"an LLM call; {self.generated_prompts} prompts",
-        )
-        table.add_row(
-            "expert-prompting, generated (hit)",
-            f"{self.generated_hit_p50_ms}",
-            f"{self.generated_hit_p99_ms}",
-            f"from the store; target <= {self.target_ms}",
-        )
-        Console().print(table)
+        target = f"target <= {self.target_ms}"
+        print_table(
+            f"prompt strategies: added latency per request ({self.prompts} prompts)",
+            ("strategy", "p50 ms", "p99 ms", "note"),
+            [
+                ("routing (reference)", f"{self.routing_p50_ms}", "", "embedding + classifier"),
+                ("expert-prompting, static", f"{self.static_p50_ms}", f"{self.static_p99_ms}",
+                 target),
+                ("mixture-of-prompts lookup", f"{self.mixture_p50_ms}", f"{self.mixture_p99_ms}",
+                 f"{self.mixture_regions} regions; {target}"),
+                ("expert-prompting, generated (miss)", f"{self.generated_miss_p50_ms}", "",
+                 f"an LLM call; {self.generated_prompts} prompts"),
+                ("expert-prompting, generated (hit)", f"{self.generated_hit_p50_ms}",
+                 f"{self.generated_hit_p99_ms}", f"from the store; {target}"),
+            ],
+        )  # fmt: skip
 
 
 def training_prompts(config: PoolConfig) -> list[dict[str, str]]:
@@ -161,13 +139,13 @@ def run_prompts_bench(
     return PromptsBench(
         prompts=len(sample),
         routing_p50_ms=round(1000 * statistics.median(routing), 3),
-        static_p50_ms=_ms(static, 0.5),
-        static_p99_ms=_ms(static, 0.99),
-        mixture_p50_ms=_ms(mixture, 0.5),
-        mixture_p99_ms=_ms(mixture, 0.99),
+        static_p50_ms=percentile_ms(static, 0.5),
+        static_p99_ms=percentile_ms(static, 0.99),
+        mixture_p50_ms=percentile_ms(mixture, 0.5),
+        mixture_p99_ms=percentile_ms(mixture, 0.99),
         mixture_regions=orch.strategies.mixture(pool.category(MIXTURE_CATEGORY)).regions,
-        generated_miss_p50_ms=_ms(misses, 0.5),
-        generated_hit_p50_ms=_ms(hits, 0.5),
-        generated_hit_p99_ms=_ms(hits, 0.99),
+        generated_miss_p50_ms=percentile_ms(misses, 0.5),
+        generated_hit_p50_ms=percentile_ms(hits, 0.5),
+        generated_hit_p99_ms=percentile_ms(hits, 0.99),
         generated_prompts=len(misses),
     )

@@ -1,4 +1,4 @@
-"""The `coe` command line: ask, chat, serve, experts, models, bench.
+"""The `coe` command line: ask, chat, serve, experts, models, bench, eval.
 
 Every command reads the pool from --config, else $COE_CONFIG, else ./experts.yaml, else the
 project's default experts.yaml.
@@ -19,6 +19,7 @@ import click
 
 from coe import __version__
 from coe.cli_cache import register as register_cache_commands
+from coe.cli_eval import register as register_eval_commands
 from coe.cli_gateway import register as register_gateway_commands
 from coe.cli_prompts import register as register_prompt_commands
 from coe.cli_router import register as register_router_commands
@@ -486,6 +487,7 @@ register_router_commands(main, bench, pass_ctx)
 register_cache_commands(main, bench, pass_ctx)
 register_gateway_commands(main, bench, pass_ctx)
 register_prompt_commands(main, bench, pass_ctx)
+register_eval_commands(main, pass_ctx)
 
 if __name__ == "__main__":
     main()

@@ -261,11 +261,12 @@ class Orchestrator:
         *,
         expert: str | None = None,
         system: str | None = None,
+        decision: RouteDecision | None = None,
         **sampling: Any,
     ) -> ChatResult:
         t0 = time.perf_counter()
         decision, prompt, chunks = await self.stream(
-            messages, expert=expert, system=system, **sampling
+            messages, expert=expert, system=system, decision=decision, **sampling
         )
         completion = await collect(chunks)
         return ChatResult(

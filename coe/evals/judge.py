@@ -1,0 +1,223 @@
+"""The LLM judge: any litellm model, or an expert of the local pool, behind one call that adds a
+concurrency limit, retries with backoff and a persistent cache (a rerun costs nothing).
+
+``--judge`` takes a litellm model string (``openai/gpt-4.1``, ``hosted_vllm/Qwen/...`` with
+``--judge-base-url``) or ``pool:<expert>`` to judge with an expert of the pool being evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from coe.paths import coe_home
+
+log = logging.getLogger(__name__)
+
+POOL_PREFIX = "pool:"
+# Statuses that a retry cannot fix: a malformed request, a bad key, an unknown model, a prompt
+# longer than the judge's context.
+PERMANENT_STATUS = {400, 401, 403, 404, 413, 422}
+
+
+class JudgeError(RuntimeError):
+    def __init__(self, message: str, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+class JudgeBackend(Protocol):
+    @property
+    def name(self) -> str:
+        """What identifies this judge in judgment records and the cache key."""
+        ...
+
+    async def complete(
+        self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
+    ) -> str: ...
+
+
+class LiteLLMJudge:
+    """Any model litellm reaches: a hosted API, or an OpenAI-compatible server at ``base_url``."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None):
+        self.model = model
+        self.base_url = base_url
+        self.api_key = api_key
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    async def complete(
+        self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
+    ) -> str:
+        from coe.engines.remote import _litellm
+
+        litellm = _litellm()
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "num_retries": 0,  # Judge retries, with its own backoff
+        }
+        if self.base_url:
+            kwargs["api_base"] = self.base_url
+            # A local server takes any key; the OpenAI client insists on one.
+            kwargs["api_key"] = self.api_key or "none"
+        elif self.api_key:
+            kwargs["api_key"] = self.api_key
+        try:
+            response = await litellm.acompletion(**kwargs)
+        except Exception as exc:  # litellm maps every provider's errors onto its own classes
+            status = getattr(exc, "status_code", None)
+            raise JudgeError(
+                f"judge {self.model}: {type(exc).__name__}: {exc}",
+                permanent=status in PERMANENT_STATUS,
+            ) from exc
+        return str(response.choices[0].message.content or "")
+
+
+class PoolJudge:
+    """An expert of the local pool as the judge (its engine is the pool's)."""
+
+    def __init__(self, orchestrator: Any, expert: str):
+        self.orchestrator = orchestrator
+        self.expert = expert
+
+    @property
+    def name(self) -> str:
+        model = self.orchestrator.config.expert(self.expert).model
+        return f"{POOL_PREFIX}{self.expert}({model})"
+
+    async def complete(
+        self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
+    ) -> str:
+        from coe.engines.base import EngineError
+
+        try:
+            result = await self.orchestrator.chat(
+                [{"role": m.role, "content": m.content} for m in messages],
+                expert=self.expert,
+                temperature=temperature,
+                max_tokens=max_tokens,
+            )
+        except EngineError as exc:
+            raise JudgeError(f"judge {self.name}: {exc}", permanent=not exc.retryable) from exc
+        except ValueError as exc:  # the prompt does not fit the expert's max_model_len
+            raise JudgeError(f"judge {self.name}: {exc}", permanent=True) from exc
+        return result.text
+
+
+class JudgmentCache:
+    """Judge outputs by request, in SQLite (safe to share between runs and processes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
+        self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, text TEXT)")
+        self._db.commit()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(judge: str, messages: Sequence[ChatTurn], temperature: float, max_tokens: int) -> str:
+        blob = json.dumps(
+            [judge, [[m.role, m.content] for m in messages], temperature, max_tokens],
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT text FROM judgments WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put(self, key: str, text: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?)", (key, text))
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def default_cache_path() -> Path:
+    return coe_home() / "eval" / "judgments.sqlite"
+
+
+@dataclass
+class JudgeStats:
+    calls: int = 0  # requests that reached the judge model
+    cached: int = 0  # answered from the cache
+    retries: int = 0
+
+
+class Judge:
+    """A judge backend with a concurrency limit, retries with exponential backoff, and a cache."""
+
+    def __init__(
+        self,
+        backend: JudgeBackend,
+        cache: JudgmentCache | None = None,
+        concurrency: int = 8,
+        retries: int = 4,
+        backoff_s: float = 1.0,
+    ):
+        if concurrency < 1:
+            raise ValueError("judge concurrency must be at least 1")
+        self.backend = backend
+        self.cache = cache
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.stats = JudgeStats()
+        self._limit = asyncio.Semaphore(concurrency)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    async def complete(
+        self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
+    ) -> str:
+        key = JudgmentCache.key(self.name, messages, temperature, max_tokens)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.stats.cached += 1
+            return hit
+        async with self._limit:
+            text = await self._call(messages, temperature, max_tokens)
+        if self.cache is not None:
+            self.cache.put(key, text)
+        return text
+
+    async def _call(self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int) -> str:
+        for attempt in range(self.retries + 1):
+            self.stats.calls += 1
+            try:
+                return await self.backend.complete(messages, temperature, max_tokens)
+            except JudgeError as exc:
+                if exc.permanent or attempt == self.retries:
+                    raise
+                # Full jitter: concurrent judgments that failed together do not retry together.
+                delay = random.uniform(0, self.backoff_s * 2**attempt)
+                log.warning("%s; retry %d in %.1f s", exc, attempt + 1, delay)
+                self.stats.retries += 1
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")

@@ -294,6 +294,11 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         "--judge-max-tokens", type=click.IntRange(min=1),
         help="Judge tokens per game (default: the version's config, 4096 or 16000).",
     )  # fmt: skip
+    @click.option(
+        "--judge-attempts", default=1, show_default=True, type=click.IntRange(1, 5),
+        help="Judge calls per game while no verdict is found; each retry asks the judge to "
+        "finish (v0.1's legacy judge used 2).",
+    )  # fmt: skip
     @pass_ctx
     def eval_arena_hard(ctx: Any, **opts: Any) -> None:
         """Answer Arena-Hard's prompts and judge each answer against the version's baseline
@@ -305,7 +310,9 @@ def register(main: click.Group, pass_ctx: Any) -> None:
             data = load_arena_hard(opts["data"], opts["version"])
         except EvalDataError as exc:
             _fail(str(exc))
-        task = ArenaHardTask(data, opts["max_tokens"], opts["judge_max_tokens"])
+        task = ArenaHardTask(
+            data, opts["max_tokens"], opts["judge_max_tokens"], opts["judge_attempts"]
+        )
         if task.skipped:
             click.echo(f"{task.skipped} question(s) have no baseline answer: skipped", err=True)
         _run(ctx, task, opts)

@@ -130,3 +130,21 @@ def test_gateway_serves_a_remote_expert(vllm_server: str) -> None:
         server.stop()
         runner.run(orch.close())
         runner.close()
+
+
+async def test_litellm_judge_against_the_real_server(vllm_server: str, tmp_path: Path) -> None:
+    """The eval judge through litellm, as with a vLLM server the user starts: an answer, then
+    the same request from the cache, and a clear permanent error for an unknown model."""
+    from coe.evals.judge import ChatTurn, Judge, JudgeError, JudgmentCache, LiteLLMJudge
+
+    cache = JudgmentCache(tmp_path / "judgments.sqlite")
+    judge = Judge(LiteLLMJudge("openai/gemma-remote", vllm_server), cache)
+    messages = [ChatTurn("system", "Answer briefly."), ChatTurn("user", QUESTION[0].content)]
+    first = await judge.complete(messages, 0.0, 16)
+    assert first.strip()
+    assert await judge.complete(messages, 0.0, 16) == first
+    assert judge.stats.calls == 1 and judge.stats.cached == 1
+    unknown = Judge(LiteLLMJudge("openai/no-such-model", vllm_server), backoff_s=0.001)
+    with pytest.raises(JudgeError) as raised:
+        await unknown.complete(messages, 0.0, 16)
+    assert raised.value.permanent and unknown.stats.calls == 1

@@ -7,7 +7,7 @@ the last match of the first pattern that matches the upper-cased judgment.
 
 Two scores, each the method of its version:
 - v2.0: every game gives the system 1, 0.5 or 0 points (a strong verdict counts 3 times); the
-  score is the mean in percent, with a bootstrap confidence interval (100 resamples, 5-95%);
+  score is their mean in percent over 100 bootstrap resamples, with a 90% interval (5-95%);
 - v0.1: a Bradley-Terry model fitted by logistic regression on the same battles, anchored on the
   baseline (rating 1000); the score is the predicted win rate against the baseline, with a
   bootstrap 95% interval.
@@ -31,8 +31,12 @@ from coe.evals.judge import ChatTurn, Judge, JudgeError
 
 STRONG_WEIGHT = 3
 BOOTSTRAP_ROUNDS = 100
+# Without a verdict, v0.1's judge was asked to finish (judge_config_v0.1_legacy.yaml:
+# number_of_judgment_attempts 2); the current judge asks once. --judge-attempts chooses.
 FOLLOW_UP = "continue your judgment and finish by outputting a final verdict label"
-JUDGE_ATTEMPTS = 2
+JUDGE_ATTEMPTS = 1
+# The labels v0.1's Bradley-Terry battles read; a game with any other label is left out.
+V01_LABELS = ("A=B", "A>B", "A>>B", "B>A", "B>>A")
 
 # The system's points from one game's label when the system is assistant A (show_result.py's
 # label_to_score); when the system is B the points are 1 minus these.
@@ -70,13 +74,13 @@ def game_messages(
 
 
 async def _play(
-    judge: Judge, data: ArenaHardData, messages: list[ChatTurn], max_tokens: int
+    judge: Judge, data: ArenaHardData, messages: list[ChatTurn], max_tokens: int, attempts: int
 ) -> dict[str, Any]:
-    """One game. Without a verdict, the judge is asked once more to finish (as upstream)."""
+    """One game. Without a verdict, and with attempts left, the judge is asked to finish."""
     conversation = list(messages)
     judgment = ""
     label = None
-    for _ in range(JUDGE_ATTEMPTS):
+    for _ in range(attempts):
         try:
             output = await judge.complete(conversation, data.judge_temperature, max_tokens)
         except JudgeError as exc:
@@ -93,18 +97,18 @@ async def _play(
 
 async def judge_answer(
     judge: Judge, data: ArenaHardData, question: ArenaQuestion, model: str, answer: str,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, attempts: int = JUDGE_ATTEMPTS,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Both games of one answer, as an Arena-Hard judgment record; None where the baseline has
-    no answer to the question (two v2.0 creative-writing prompts)."""
+    no answer to the question."""
     found = data.baseline_answer(question)
     if found is None:
         return None
     baseline, baseline_answer = found
     tokens = max_tokens or data.judge_max_tokens
     games = [
-        await _play(judge, data, game_messages(data, question, baseline_answer, answer), tokens),
-        await _play(judge, data, game_messages(data, question, answer, baseline_answer), tokens),
+        await _play(judge, data, game_messages(data, question, a, b), tokens, attempts)
+        for a, b in ((baseline_answer, answer), (answer, baseline_answer))
     ]
     return {
         "uid": question.uid,
@@ -128,14 +132,15 @@ def battle_points(record: Mapping[str, Any]) -> list[float] | None:
 
 
 def win_rate(points: list[float], seed: int = 0, rounds: int = BOOTSTRAP_ROUNDS) -> dict[str, Any]:
-    """v2.0's score: mean points in percent, with a seeded bootstrap 90% interval."""
+    """v2.0's score: the mean of bootstrap means of the points, in percent, with the 5% and
+    95% quantiles of those means as the interval (show_result.py; seeded here)."""
     if not points:
         return {"score": None, "ci": [None, None], "battles": 0}
     values = np.asarray(points, dtype=float)
     rng = np.random.default_rng(seed)
     means = [rng.choice(values, size=len(values), replace=True).mean() for _ in range(rounds)]
     return {
-        "score": round(100 * float(values.mean()), 2),
+        "score": round(100 * float(np.mean(means)), 2),
         "ci": [round(100 * float(np.quantile(means, q)), 2) for q in (0.05, 0.95)],
         "battles": len(values),
     }
@@ -151,7 +156,7 @@ def battles_v01(record: Mapping[str, Any], baseline: str) -> list[tuple[str, str
     rows: list[tuple[str, str, str]] = []
     for index, game in enumerate(record["games"]):
         label = game.get("score")
-        if label not in POINTS_AS_A:
+        if label not in V01_LABELS:
             continue
         points = POINTS_AS_A[label]
         # Points are for assistant A: the baseline in game 1, the system in game 2.
@@ -164,7 +169,8 @@ def battles_v01(record: Mapping[str, Any], baseline: str) -> list[tuple[str, str
 def bradley_terry(
     battles: list[tuple[str, str, str]], anchor: str, scale: float = 400, base: float = 10
 ) -> dict[str, float]:
-    """Ratings by maximum likelihood (logistic regression without penalty), anchor at 1000."""
+    """Ratings by maximum likelihood (logistic regression without penalty: C=inf), anchor
+    at 1000."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -183,7 +189,7 @@ def bradley_terry(
         x = np.vstack([x, x[0] * 1e-6])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        lr = LogisticRegression(fit_intercept=False, penalty=None, tol=1e-8, max_iter=1000)
+        lr = LogisticRegression(fit_intercept=False, C=np.inf, tol=1e-8, max_iter=1000)
         lr.fit(x, y)
     ratings = scale * lr.coef_[0] + 1000
     ratings += 1000 - ratings[index[anchor]]

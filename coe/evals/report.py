@@ -125,22 +125,30 @@ def expert_scores(runs: list[Run], experts: list[str], seed: int = 0) -> dict[st
     if len(benchmarks) != 1:
         raise RunError(f"scores mix benchmarks ({', '.join(sorted(benchmarks))}): pass one")
     summary = summarize(runs, seed)[benchmarks.pop()]
-    scores = {
-        e: {c: v for c, v in summary[e].get("categories", {}).items() if v is not None}
-        for e in experts
-        if e in summary
-    }
-    if not scores:
+    measured = [e for e in experts if e in summary]
+    if not measured:
         raise RunError(
             "no single-expert system in these runs: run the benchmark with --system <expert> "
             "for each expert to score them"
         )
+    scores = {
+        e: {c: v for c, v in summary[e].get("categories", {}).items() if v is not None}
+        for e in measured
+    }
+    scores = {e: per for e, per in scores.items() if per}
+    if not scores:
+        raise RunError(
+            f"no rated answers for {', '.join(measured)}: every judgment was unparseable "
+            "(see `coe eval report`); a stronger judge is needed"
+        )
+    # Only categories some expert has a score in: `coe router map` weighs scores by these.
+    scored = {c for per in scores.values() for c in per}
     frequencies: dict[str, int] = defaultdict(int)
     seen = set()
     for run in runs:
         for a in run.answers:
             key = (a.get("question_id") or a.get("uid"), _category_of(a))
-            if key not in seen:
+            if key not in seen and key[1] in scored:
                 seen.add(key)
                 frequencies[key[1]] += 1
     return {

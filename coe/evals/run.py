@@ -155,8 +155,15 @@ class MTBenchTask:
 
 
 class ArenaHardTask:
-    def __init__(self, data: ArenaHardData, max_tokens: int, judge_max_tokens: int | None):
+    def __init__(
+        self,
+        data: ArenaHardData,
+        max_tokens: int,
+        judge_max_tokens: int | None,
+        judge_attempts: int = arena_hard.JUDGE_ATTEMPTS,
+    ):
         self.data = data
+        self.judge_attempts = judge_attempts
         self.name = f"arena-hard-{data.version}"
         self.max_tokens = max_tokens
         self.judge_max_tokens = judge_max_tokens
@@ -202,7 +209,7 @@ class ArenaHardTask:
         q = self.question(key[1])
         text = str(answer["messages"][-1]["content"]["answer"])
         return await arena_hard.judge_answer(
-            judge, self.data, q, key[0], text, self.judge_max_tokens
+            judge, self.data, q, key[0], text, self.judge_max_tokens, self.judge_attempts
         )
 
 

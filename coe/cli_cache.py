@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -68,6 +69,52 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             f"cold start / swap: {r.cold_start_vs_swap}x; bytes copied per swap "
             f"{r.copied_bytes:,} (+{r.rebound_linears} packed linears rebound); "
             f"answers after swaps match: {r.answers_match}"
+        )
+
+    @bench.command("host-copy")
+    @click.option(
+        "--shape", type=click.Choice(["270m", "8b", "tiny"]), default="270m", show_default=True,
+        help="Parameter shapes: gemma-3-270m, Llama-3-8B, or tiny (tests).",
+    )  # fmt: skip
+    @click.option("--repeats", default=7, show_default=True, help="HOST → HBM swaps to time.")
+    @click.option(
+        "--dir", "workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
+        help="Where to write the two random checkpoints (default: the system's temp folder).",
+    )  # fmt: skip
+    @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+    def bench_host_copy(shape: str, repeats: int, workdir: Path | None, as_json: bool) -> None:
+        """The weight cache's HOST → HBM copy on this machine's GPU (CPU without one), beside the
+        pinned-copy floor of the same bytes and a load from disk; needs torch, not vLLM.
+        """
+        from coe.bench.host_copy import run_host_copy_bench
+
+        r = run_host_copy_bench(shape, repeats, workdir)
+        if as_json:
+            click.echo(json.dumps(r.as_dict(), indent=2))
+            return
+        print_table(
+            f"host-copy benchmark ({r.device_name}): {r.shape}, "
+            f"{r.checkpoint_bytes / 1e9:.2f} GB in {r.tensors} tensors",
+            ("measure", "seconds", "note"),
+            [
+                (
+                    "HOST → HBM (engine layout)",
+                    f"{r.host_to_device_s}",
+                    f"median of {repeats}; {r.effective_gb_s} GB/s",
+                ),
+                (
+                    "copy floor, same bytes",
+                    f"{r.floor_s}",
+                    f"{r.floor_kind}, {r.floor_gb_s} GB/s; swap / floor = {r.swap_vs_floor}",
+                ),
+                ("DISK → HBM", f"{r.disk_to_device_s}", "safetensors straight to the device"),
+                ("DISK → HOST", f"{r.disk_to_host_s}", f"pinned; page cache {r.page_cache}"),
+                ("HBM → HOST", f"{r.capture_s}", "capture, once per expert"),
+            ],
+        )
+        click.echo(
+            f"disk load / swap: {r.disk_to_device_vs_swap}x; "
+            f"weights after swaps match: {r.weights_match}"
         )
 
     @bench.command("pool")

@@ -173,6 +173,7 @@ def _run(ctx: Any, task: Any, opts: dict[str, Any]) -> None:
                 "data": str(task.data.root),
                 "pool": str(cfg.source),
                 "systems": [s.name for s in systems],
+                "settings": {**task.settings, "judge_base_url": opts["judge_base_url"]},
             }
         )
         plan = plan_run(folder, task, systems, opts["limit"])
@@ -190,18 +191,17 @@ def _run(ctx: Any, task: Any, opts: dict[str, Any]) -> None:
         judge = _make_judge(cfg, opts, orch)
         answerers = {s.name: Answerer(orch, s) for s in systems} if orch else {}
         bars, tick = _progress_bars({"answers": len(plan.answers), "judgments": todo_judgments})
+        work = execute(folder, task, plan, answerers, judge, opts["concurrency"], tick)
         try:
             with bars:
                 if runner is None:
                     import asyncio
 
-                    result = asyncio.run(
-                        execute(folder, task, plan, answerers, judge, opts["concurrency"], tick)
-                    )
+                    result = asyncio.run(work)
                 else:
-                    result = runner.run(
-                        execute(folder, task, plan, answerers, judge, opts["concurrency"], tick)
-                    )
+                    result = runner.run(work)
+        except RunError as exc:  # the judge is misconfigured: nothing more can be judged
+            _fail(str(exc), EXIT_FAILED)
         finally:
             if runner is not None:
                 _close(runner, orch)
@@ -368,16 +368,23 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         required=True, help="Arena-Hard judgments (JSONL, one record with two games per line).",
     )  # fmt: skip
     @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
+    @click.option(
+        "--baseline",
+        help="Baseline of records that name none (upstream v0.1 files: gpt-4-0314).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-    def score_arena_hard(judgments: Path, seed: int, as_json: bool) -> None:
-        """Win rate against the baseline (v2.0 method, bootstrap 90% interval) and the
-        Bradley-Terry win rate (v0.1 method, 95% interval) per model."""
+    def score_arena_hard(judgments: Path, seed: int, baseline: str | None, as_json: bool) -> None:
+        """Win rate against the baseline (v2.0 method, bootstrap 90% interval; hard_prompt is
+        the headline, creative_writing beside it) and the Bradley-Terry win rate (v0.1 method,
+        95% interval) per model."""
         from coe.evals.arena_hard import score_judgments
         from coe.evals.data import EvalDataError, read_jsonl
 
         try:
-            scores = score_judgments(read_jsonl(judgments), seed)
-        except (EvalDataError, KeyError) as exc:
+            scores = score_judgments(read_jsonl(judgments), seed, baseline)
+        except KeyError as exc:
+            _fail(f"{judgments}: a record lacks the field {exc}")
+        except (EvalDataError, ValueError) as exc:
             _fail(f"{judgments}: {exc}")
         if as_json:
             click.echo(json.dumps(scores, indent=2))
@@ -386,14 +393,15 @@ def register(main: click.Group, pass_ctx: Any) -> None:
 
         rows = []
         for model, s in scores.items():
-            wr, bt = s["win_rate"], s["bradley_terry"] or {}
-            rows.append(
-                (model, str(wr["score"]), f"{wr['ci'][0]} to {wr['ci'][1]}",
-                 str(bt.get("score", "-")), str(s["unparseable"]))
-            )  # fmt: skip
+            bt = s["bradley_terry"] or {}
+            for arena, wr in s["arena_categories"].items():
+                rows.append(
+                    (model, arena, str(wr["score"]), f"{wr['ci'][0]} to {wr['ci'][1]}",
+                     str(bt.get("score", "-")), str(s["unparseable"]))
+                )  # fmt: skip
         print_table(
             f"Arena-Hard: {judgments.name}",
-            ("model", "win rate", "90% CI", "Bradley-Terry", "unparseable"),
+            ("model", "category", "win rate", "90% CI", "Bradley-Terry", "unparseable"),
             rows,
         )
 

@@ -20,9 +20,18 @@ from coe.evals.data import (
     load_mt_bench,
     read_jsonl,
 )
-from coe.evals.judge import ChatTurn, Judge, JudgeError, JudgmentCache
+from coe.evals.judge import (
+    PROMPT,
+    SETUP,
+    TRANSIENT,
+    ChatTurn,
+    Judge,
+    JudgeError,
+    JudgmentCache,
+    classify,
+)
 from coe.evals.report import expert_scores, load_run, write_report
-from coe.evals.run import ArenaHardTask, MTBenchTask, RunFolder, execute, plan_run
+from coe.evals.run import ArenaHardTask, MTBenchTask, RunError, RunFolder, execute, plan_run
 from coe.evals.systems import Answerer, System, Turn
 from coe.paths import evaldata_dir
 from coe.router.base import RouteDecision
@@ -172,6 +181,35 @@ def test_strong_verdicts_weigh_three_and_missing_verdicts_are_counted() -> None:
     assert s["win_rate"]["battles"] == 8
 
 
+def test_v2_scores_each_arena_category_apart_with_hard_prompt_the_headline() -> None:
+    def record(first: str, second: str, uid: str, arena: str, sub: str, baseline: str) -> dict:
+        return {**_record("m", first, second, uid), "category": arena, "subcategory": sub,
+                "baseline": baseline}  # fmt: skip
+
+    hard = [record("B>>A", "A>>B", f"h{i}", "hard_prompt", "coding", "o3") for i in range(10)]
+    creative = [
+        record("A>>B", "B>>A", f"c{i}", "creative_writing", "creative_writing", "gemini")
+        for i in range(10)
+    ]
+    s = arena_hard.score_judgments(hard + creative)["m"]
+    assert s["headline_category"] == "hard_prompt" and s["win_rate"]["score"] == 100.0
+    assert s["arena_categories"]["creative_writing"]["score"] == 0.0  # not pooled into 50
+    assert s["bradley_terry"] is None  # two baselines: no single anchor
+
+
+def test_upstream_records_score_null_games_and_v01_fields() -> None:
+    """Upstream writes null for a game whose judge call failed; v0.1 files name the question
+    question_id and no baseline."""
+    legacy = [{"question_id": str(i), "model": "m", "judge": "gpt-4",
+               "games": [{"score": "B>A"}, {"score": "A>B"}]} for i in range(5)]  # fmt: skip
+    legacy.append({"question_id": "9", "model": "m", "judge": "gpt-4", "games": [None, None]})
+    with pytest.raises(ValueError, match="baseline"):
+        arena_hard.score_judgments(legacy)
+    s = arena_hard.score_judgments(legacy, baseline=arena_hard.V01_BASELINE)["m"]
+    assert s["win_rate"]["score"] == 100.0 and s["unparseable"] == 1
+    assert s["baselines"] == ["gpt-4-0314"] and s["bradley_terry"]["score"] > 99
+
+
 def test_bootstrap_is_seeded_and_brackets_the_score() -> None:
     labels = ["A>B", "B>A", "A=B", "B>>A", "A>>B"]
     records = [_record("m", labels[i % 5], labels[(i * 3) % 5], str(i)) for i in range(40)]
@@ -199,6 +237,10 @@ class ScriptedJudge:
 
     @property
     def name(self) -> str:
+        return self._name
+
+    @property
+    def cache_scope(self) -> str:
         return self._name
 
     async def complete(
@@ -242,20 +284,56 @@ async def test_games_swap_positions_and_a_missing_verdict_may_get_a_follow_up() 
 
 
 async def test_judge_retries_transient_errors_and_stops_on_permanent_ones() -> None:
-    flaky = ScriptedJudge([JudgeError("503", permanent=False), "Rating: [[9]]"])
+    flaky = ScriptedJudge([JudgeError("503", TRANSIENT), "Rating: [[9]]"])
     judge = Judge(flaky, backoff_s=0.001)
     assert await judge.complete([ChatTurn("user", "x")], 0.0, 10) == "Rating: [[9]]"
     assert judge.stats.retries == 1 and judge.stats.calls == 2
-    broken = ScriptedJudge([JudgeError("401 bad key", permanent=True)])
+    broken = ScriptedJudge([JudgeError("401 bad key", SETUP)])
     judge = Judge(broken, backoff_s=0.001)
     with pytest.raises(JudgeError, match="bad key"):
         await judge.complete([ChatTurn("user", "x")], 0.0, 10)
     assert judge.stats.calls == 1
-    down = ScriptedJudge([JudgeError("down", permanent=False)])
+    down = ScriptedJudge([JudgeError("down", TRANSIENT)])
     judge = Judge(down, retries=2, backoff_s=0.001)
     with pytest.raises(JudgeError, match="down"):
         await judge.complete([ChatTurn("user", "x")], 0.0, 10)
     assert judge.stats.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "name", "kind"),
+    [
+        (503, "Service Unavailable", "ServiceUnavailableError", TRANSIENT),
+        (429, "rate limited", "RateLimitError", TRANSIENT),
+        (None, "Connection refused", "APIConnectionError", TRANSIENT),
+        (401, "Incorrect API key provided", "AuthenticationError", SETUP),
+        (404, "The model `gpt-5o` does not exist", "NotFoundError", SETUP),
+        (400, "Unsupported parameter: 'temperature'", "BadRequestError", SETUP),
+        (400, "This model's maximum context length is 4096 tokens", "BadRequestError", PROMPT),
+        (400, "prompt too large", "ContextWindowExceededError", PROMPT),
+        (400, "flagged", "ContentPolicyViolationError", PROMPT),
+        (413, "Request Entity Too Large", "APIStatusError", PROMPT),
+    ],
+)
+def test_judge_failures_are_classified(status: int | None, message: str, name: str,
+                                       kind: str) -> None:  # fmt: skip
+    assert classify(status, message, name) == kind
+
+
+async def test_empty_outputs_are_not_cached_and_servers_do_not_share_entries(
+    tmp_path: Path,
+) -> None:
+    from coe.evals.judge import LiteLLMJudge
+
+    cache = JudgmentCache(tmp_path / "cache.sqlite")
+    backend = ScriptedJudge(["", "[[7]]"])
+    judge = Judge(backend, cache)
+    assert await judge.complete([ChatTurn("user", "q")], 0.0, 10) == ""
+    assert await judge.complete([ChatTurn("user", "q")], 0.0, 10) == "[[7]]"
+    assert len(backend.asked) == 2
+    here = LiteLLMJudge("hosted_vllm/judge", "http://a:8000/v1").cache_scope
+    there = LiteLLMJudge("hosted_vllm/judge", "http://b:8000/v1").cache_scope
+    assert here != there and LiteLLMJudge("openai/gpt-4.1").cache_scope == "openai/gpt-4.1"
 
 
 async def test_judge_cache_makes_a_rerun_free_and_concurrency_is_limited(tmp_path: Path) -> None:
@@ -333,6 +411,15 @@ async def test_mt_bench_run_resumes_and_reports(tmp_path: Path) -> None:
     plan, result, backend = await _run_mt(folder, answerers, limit=2)
     assert len(plan.judgments) == 1 and not plan.answers and result.judged == 1
 
+    # A half-written answer: that item is answered and judged again, the row appended next is
+    # not swallowed by the cut line, and the scores count each item once (its last rows).
+    lines = (folder.path / "answers.jsonl").read_text().splitlines()
+    (folder.path / "answers.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    plan, result, backend = await _run_mt(folder, answerers, limit=2)
+    assert len(plan.answers) == 1 and result.answered == 1 and result.judged == 2
+    assert len(folder.answers()) == 4 and len(folder.judgments()) == 10
+    assert len(load_run(folder.path).judgments) == 8
+
     run = load_run(folder.path)
     paths = write_report([run], tmp_path / "report")
     for path in paths.values():
@@ -369,6 +456,41 @@ async def test_arena_hard_run_skips_questions_without_a_baseline(tmp_path: Path)
     scores = load_run(folder.path)
     record = scores.judgments[0]
     assert record["baseline"] == "o3-mini-2025-01-31" and len(record["games"]) == 2
+
+
+def test_a_rerun_with_other_settings_is_refused_but_may_add_systems(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    meta = {"benchmark": "mt-bench", "judge": "j", "systems": ["auto"],
+            "settings": {"max_tokens": 1024, "reference": "gpt-4"}}  # fmt: skip
+    folder.open(meta)
+    folder.open({**meta, "systems": ["coder"]})
+    assert folder.meta()["systems"] == ["auto", "coder"]
+    with pytest.raises(RunError, match="max_tokens 1024, not 64"):
+        folder.open({**meta, "settings": {"max_tokens": 64, "reference": "gpt-4"}})
+
+
+async def test_a_misconfigured_judge_stops_the_run_and_a_refused_prompt_is_recorded(
+    tmp_path: Path,
+) -> None:
+    task = MTBenchTask(load_mt_bench(), 64, 64)
+    answerers = {"auto": EchoAnswerer("auto", "small", 10)}
+
+    async def run(folder: RunFolder, error: JudgeError) -> Any:
+        folder.open({"benchmark": task.name, "judge": "scripted", "systems": ["auto"]})
+        plan = plan_run(folder, task, [System("auto")], 2)
+        judge = Judge(ScriptedJudge([error]))
+        return await execute(folder, task, plan, answerers, judge)  # type: ignore[arg-type]
+
+    stopped = RunFolder(tmp_path / "bad-key")
+    with pytest.raises(RunError, match="misconfigured"):
+        await run(stopped, JudgeError("401 bad key", SETUP))
+    assert stopped.judgments() == []
+    refused = RunFolder(tmp_path / "too-long")
+    result = await run(refused, JudgeError("maximum context length", PROMPT))
+    assert result.judged == 4
+    assert all(
+        j["score"] == -1 and j["judgment"].startswith("$ERROR$") for j in refused.judgments()
+    )
 
 
 def test_a_run_folder_refuses_another_judge(tmp_path: Path) -> None:

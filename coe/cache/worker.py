@@ -91,6 +91,53 @@ def checkpoint_files(path: str) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+_MAX_HEADER = 100_000_000  # the format's own limit
+
+
+def read_safetensors(file: Path, pin: bool) -> list[tuple[str, torch.Tensor]]:
+    """A safetensors file's tensors, read with one sequential read into one buffer (pinned for
+    a fast copy to the device when `pin`). Reading tensor by tensor and pinning each copy after
+    took twice as long on an H100 host (16 GB: 23.6 s against the disk's 13 s)."""
+    import json
+    import struct
+
+    with file.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > _MAX_HEADER:
+            raise ValueError(f"{file}: not a safetensors file (header of {header_len} bytes)")
+        header = json.loads(handle.read(header_len))
+        header.pop("__metadata__", None)
+        size = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < size:
+            n = handle.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{file}: ends {size - done} bytes early")
+            done += n
+    tensors = []
+    for name, info in header.items():
+        begin, end = (int(x) for x in info["data_offsets"])
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, not supported")
+        raw = buffer[begin:end]
+        # A view needs its offset aligned to the element size; else the tensor is copied out.
+        if begin % dtype.itemsize:
+            raw = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pin).copy_(raw)
+        tensor = raw.view(dtype)
+        tensors.append((name, tensor.reshape(info["shape"])))
+    return tensors
+
+
 class SlotWorker:
     """Mixed into vLLM's Worker. Method names are the RPC surface; all return plain data."""
 
@@ -120,21 +167,15 @@ class SlotWorker:
         ).start()
 
     def _coe_read(self, entry: _Staged, drop_cache: bool) -> None:
-        from safetensors import safe_open
-
         t0 = time.perf_counter()
         try:
             pin = self._coe_pin()
             for file in checkpoint_files(entry.path):
                 if drop_cache:
                     drop_page_cache(str(file))
-                with safe_open(str(file), framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        tensor = handle.get_tensor(name)
-                        if pin:
-                            tensor = tensor.pin_memory()
-                        entry.tensors.append((name, tensor))
-                        entry.nbytes += tensor.numel() * tensor.element_size()
+                for name, tensor in read_safetensors(file, pin):
+                    entry.tensors.append((name, tensor))
+                    entry.nbytes += tensor.numel() * tensor.element_size()
         except Exception as exc:  # reported to the caller by coe_wait_staged
             entry.error = f"{type(exc).__name__}: {exc}"
             entry.tensors.clear()

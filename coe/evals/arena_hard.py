@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from coe.evals.data import ArenaHardData, ArenaQuestion
-from coe.evals.judge import ChatTurn, Judge, JudgeError
+from coe.evals.judge import PROMPT, ChatTurn, Judge, JudgeError
 
 STRONG_WEIGHT = 3
 BOOTSTRAP_ROUNDS = 100
@@ -35,6 +35,10 @@ BOOTSTRAP_ROUNDS = 100
 # number_of_judgment_attempts 2); the current judge asks once. --judge-attempts chooses.
 FOLLOW_UP = "continue your judgment and finish by outputting a final verdict label"
 JUDGE_ATTEMPTS = 1
+# v2.0's show_result.py reports one category at a time, hard_prompt unless told otherwise.
+HEADLINE_CATEGORY = "hard_prompt"
+LEGACY_CATEGORY = "arena-hard-v0.1"  # v0.1's judgment records name no category
+V01_BASELINE = "gpt-4-0314"
 # The labels v0.1's Bradley-Terry battles read; a game with any other label is left out.
 V01_LABELS = ("A=B", "A>B", "A>>B", "B>A", "B>>A")
 
@@ -84,7 +88,7 @@ async def _play(
         try:
             output = await judge.complete(conversation, data.judge_temperature, max_tokens)
         except JudgeError as exc:
-            if not exc.permanent:
+            if exc.kind != PROMPT:  # a judge that cannot take this prompt: recorded, no verdict
                 raise
             return {"score": None, "judgment": f"$ERROR$ {exc}", "user_prompt": messages[1].content}
         judgment = f"{judgment}\n{output}" if judgment else output
@@ -122,10 +126,15 @@ async def judge_answer(
     }
 
 
+def _label(game: Mapping[str, Any] | None) -> Any:
+    # Upstream writes null for a game whose judge call failed.
+    return game.get("score") if game else None
+
+
 def battle_points(record: Mapping[str, Any]) -> list[float] | None:
     """The system's points from one judgment record (both games), or None when a game has no
     verdict (upstream drops such records)."""
-    first, second = (g.get("score") for g in record["games"])
+    first, second = (_label(g) for g in record["games"])
     if first not in POINTS_AS_A or second not in POINTS_AS_A:
         return None
     return POINTS_AS_A[second] + [1.0 - p for p in POINTS_AS_A[first]]
@@ -155,7 +164,7 @@ def battles_v01(record: Mapping[str, Any], baseline: str) -> list[tuple[str, str
     model = str(record["model"])
     rows: list[tuple[str, str, str]] = []
     for index, game in enumerate(record["games"]):
-        label = game.get("score")
+        label = _label(game)
         if label not in V01_LABELS:
             continue
         points = POINTS_AS_A[label]
@@ -235,17 +244,25 @@ def bt_win_rates(
 
 
 def score_judgments(
-    records: Iterable[Mapping[str, Any]], seed: int = 0
+    records: Iterable[Mapping[str, Any]], seed: int = 0, baseline: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Per model: the v2.0 win rate (overall and per subcategory), the v0.1 Bradley-Terry win
-    rate, and how many records had a game without a verdict."""
+    """Per model: the v2.0 win rate per Arena-Hard category (``hard_prompt`` is the headline,
+    ``creative_writing`` is reported beside it: upstream never pools the two, whose baselines
+    differ) and per subcategory, the v0.1 Bradley-Terry win rate where there is one baseline,
+    and how many records had a game without a verdict.
+
+    Records as coe writes them, or upstream's (v0.1's name the question ``question_id`` and
+    carry no baseline: pass ``baseline``)."""
     records = list(records)
     by_model: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
         by_model[str(r["model"])].append(r)
     out: dict[str, dict[str, Any]] = {}
     for model, rows in sorted(by_model.items()):
-        points: list[float] = []
+        rows = [{**r, "baseline": r.get("baseline") or baseline} for r in rows]
+        if any(r["baseline"] is None for r in rows):
+            raise ValueError("judgment records without a baseline: pass the version's baseline")
+        per_arena: dict[str, list[float]] = defaultdict(list)
         per_category: dict[str, list[float]] = defaultdict(list)
         unparseable = 0
         for r in rows:
@@ -253,14 +270,19 @@ def score_judgments(
             if p is None:
                 unparseable += 1
                 continue
-            points += p
-            per_category[str(r.get("subcategory") or r["category"])] += p
+            arena = str(r.get("category") or LEGACY_CATEGORY)
+            per_arena[arena] += p
+            per_category[str(r.get("subcategory") or arena)] += p
+        arenas = {a: win_rate(v, seed) for a, v in sorted(per_arena.items())}
+        headline = HEADLINE_CATEGORY if HEADLINE_CATEGORY in arenas else next(iter(arenas), None)
         baselines = sorted({str(r["baseline"]) for r in rows})
         bt: dict[str, Any] = {}
         if len(baselines) == 1:  # v0.1 has one baseline; v2.0's two make no single anchor
             bt = bt_win_rates(rows, baselines[0], seed).get(model, {})
         out[model] = {
-            "win_rate": win_rate(points, seed),
+            "win_rate": arenas[headline] if headline else win_rate([], seed),
+            "headline_category": headline,
+            "arena_categories": arenas,
             "bradley_terry": bt or None,
             "categories": {c: win_rate(v, seed)["score"] for c, v in sorted(per_category.items())},
             "judgments": len(rows),

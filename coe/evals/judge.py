@@ -27,12 +27,34 @@ POOL_PREFIX = "pool:"
 # Statuses that a retry cannot fix: a malformed request, a bad key, an unknown model, a prompt
 # longer than the judge's context.
 PERMANENT_STATUS = {400, 401, 403, 404, 413, 422}
+# Words in a 4xx that say the judge cannot take this one prompt (the others may pass).
+PROMPT_REFUSED = ("context length", "context window", "maximum context", "too long",
+                  "content policy", "content_policy", "content management")  # fmt: skip
+
+# What a failure says about the run:
+TRANSIENT = "transient"  # retry it (outage, rate limit, timeout)
+PROMPT = "prompt"  # this prompt cannot be judged: recorded as FastChat records it ($ERROR$)
+SETUP = "setup"  # the judge is misconfigured (key, model name, parameters): stop the run
 
 
 class JudgeError(RuntimeError):
-    def __init__(self, message: str, permanent: bool):
+    def __init__(self, message: str, kind: str):
         super().__init__(message)
-        self.permanent = permanent
+        self.kind = kind
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind != TRANSIENT
+
+
+def classify(status: int | None, message: str, exc_name: str = "") -> str:
+    """A judge failure's kind from its HTTP status and message (litellm's or a server's)."""
+    if status not in PERMANENT_STATUS:
+        return TRANSIENT
+    text = f"{exc_name} {message}".lower()
+    if status == 413 or "contextwindowexceeded" in text or "contentpolicy" in text:
+        return PROMPT
+    return PROMPT if any(words in text for words in PROMPT_REFUSED) else SETUP
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,12 @@ class ChatTurn:
 class JudgeBackend(Protocol):
     @property
     def name(self) -> str:
-        """What identifies this judge in judgment records and the cache key."""
+        """What identifies this judge in judgment records."""
+        ...
+
+    @property
+    def cache_scope(self) -> str:
+        """What identifies this judge in the cache key: its name and where it is served."""
         ...
 
     async def complete(
@@ -63,6 +90,11 @@ class LiteLLMJudge:
     @property
     def name(self) -> str:
         return self.model
+
+    @property
+    def cache_scope(self) -> str:
+        # Two servers may serve different models under one name.
+        return f"{self.model}@{self.base_url}" if self.base_url else self.model
 
     async def complete(
         self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
@@ -87,10 +119,8 @@ class LiteLLMJudge:
             response = await litellm.acompletion(**kwargs)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             status = getattr(exc, "status_code", None)
-            raise JudgeError(
-                f"judge {self.model}: {type(exc).__name__}: {exc}",
-                permanent=status in PERMANENT_STATUS,
-            ) from exc
+            message = f"judge {self.model}: {type(exc).__name__}: {exc}"
+            raise JudgeError(message, classify(status, str(exc), type(exc).__name__)) from exc
         return str(response.choices[0].message.content or "")
 
 
@@ -106,6 +136,10 @@ class PoolJudge:
         model = self.orchestrator.config.expert(self.expert).model
         return f"{POOL_PREFIX}{self.expert}({model})"
 
+    @property
+    def cache_scope(self) -> str:
+        return self.name
+
     async def complete(
         self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
     ) -> str:
@@ -119,9 +153,10 @@ class PoolJudge:
                 max_tokens=max_tokens,
             )
         except EngineError as exc:
-            raise JudgeError(f"judge {self.name}: {exc}", permanent=not exc.retryable) from exc
+            kind = TRANSIENT if exc.retryable else SETUP
+            raise JudgeError(f"judge {self.name}: {exc}", kind) from exc
         except ValueError as exc:  # the prompt does not fit the expert's max_model_len
-            raise JudgeError(f"judge {self.name}: {exc}", permanent=True) from exc
+            raise JudgeError(f"judge {self.name}: {exc}", PROMPT) from exc
         return result.text
 
 
@@ -178,8 +213,10 @@ class Judge:
         backend: JudgeBackend,
         cache: JudgmentCache | None = None,
         concurrency: int = 8,
-        retries: int = 4,
-        backoff_s: float = 1.0,
+        # Up to 6 retries, waits drawn up to 2, 4, ... 64 s: long enough to ride out a rate
+        # limit window in an hour-long run.
+        retries: int = 6,
+        backoff_s: float = 2.0,
     ):
         if concurrency < 1:
             raise ValueError("judge concurrency must be at least 1")
@@ -197,13 +234,15 @@ class Judge:
     async def complete(
         self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
     ) -> str:
-        key = JudgmentCache.key(self.name, messages, temperature, max_tokens)
+        key = JudgmentCache.key(self.backend.cache_scope, messages, temperature, max_tokens)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cached += 1
             return hit
         async with self._limit:
             text = await self._call(messages, temperature, max_tokens)
-        if self.cache is not None:
+        # An empty output (a reasoning judge out of tokens, a server hiccup) is not kept: a
+        # rerun asks again instead of reading the same nothing forever.
+        if self.cache is not None and text.strip():
             self.cache.put(key, text)
         return text
 

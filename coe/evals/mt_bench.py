@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from coe.evals.data import MTBenchData, MTQuestion
-from coe.evals.judge import ChatTurn, Judge, JudgeError
+from coe.evals.judge import PROMPT, ChatTurn, Judge, JudgeError
 
 # FastChat fastchat/llm_judge/common.py: temperature_config and NEED_REF_CATS.
 TEMPERATURE = {
@@ -101,7 +101,7 @@ async def judge_turn(
         judgment = await judge.complete(messages, JUDGE_TEMPERATURE, max_tokens)
         score = parse_rating(judgment)
     except JudgeError as exc:
-        if not exc.permanent:
+        if exc.kind != PROMPT:
             raise
         judgment, score = f"$ERROR$ {exc}", UNPARSED
     return {

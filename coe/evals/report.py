@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from coe.evals import arena_hard, mt_bench
-from coe.evals.run import MT_BENCH, RunError, RunFolder
+from coe.evals.run import MT_BENCH, ArenaHardTask, MTBenchTask, RunError, RunFolder, last_per_key
 
 
 @dataclass
@@ -31,8 +31,13 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
+    """A run's rows, one per item: where an item was redone, its last row counts."""
     folder = RunFolder(path)
-    return Run(path, folder.meta(), folder.answers(), folder.judgments())
+    meta = folder.meta()
+    task = MTBenchTask if meta.get("benchmark") == MT_BENCH else ArenaHardTask
+    answers = last_per_key(folder.answers(), task.answer_key)
+    judgments = last_per_key(folder.judgments(), task.judgment_key)
+    return Run(path, meta, answers, judgments)
 
 
 def _system_of(answer: dict[str, Any]) -> str:
@@ -124,7 +129,13 @@ def expert_scores(runs: list[Run], experts: list[str], seed: int = 0) -> dict[st
     benchmarks = {r.benchmark for r in runs}
     if len(benchmarks) != 1:
         raise RunError(f"scores mix benchmarks ({', '.join(sorted(benchmarks))}): pass one")
-    summary = summarize(runs, seed)[benchmarks.pop()]
+    benchmark = benchmarks.pop()
+    if benchmark.endswith("v0.1"):
+        raise RunError(
+            "Arena-Hard v0.1 puts every prompt in one category: score experts per category "
+            "with MT-Bench or Arena-Hard v2.0 runs"
+        )
+    summary = summarize(runs, seed)[benchmark]
     measured = [e for e in experts if e in summary]
     if not measured:
         raise RunError(
@@ -177,10 +188,15 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["# coe eval report", ""]
     for benchmark, systems in summary.items():
         lines += [f"## {benchmark}", ""]
+        # Arena-Hard v2.0: hard_prompt is the score; creative_writing gets a column of its own.
+        beside = sorted(
+            {a for s in systems.values() for a in s.get("arena_categories") or {}}
+            - {s.get("headline_category") for s in systems.values()}
+        )
         if benchmark == MT_BENCH:
             head = ["system", "score", "turn 1", "turn 2"]
         else:
-            head = ["system", "score", "90% CI (v2.0)", "BT score", "95% CI (BT)"]
+            head = ["system", "score", "90% CI (v2.0)", *beside, "BT score", "95% CI (BT)"]
         head += ["avg active params", "requests", "unparseable", "answer errors"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, s in systems.items():
@@ -189,8 +205,10 @@ def markdown(summary: dict[str, Any]) -> str:
                 row += [_fmt(s.get("turn_1")), _fmt(s.get("turn_2"))]
             else:
                 wr, bt = s.get("win_rate") or {}, s.get("bradley_terry") or {}
+                arenas = s.get("arena_categories") or {}
                 row += [
                     "-" if not wr.get("ci") else f"{_fmt(wr['ci'][0])} to {_fmt(wr['ci'][1])}",
+                    *(_fmt((arenas.get(a) or {}).get("score")) for a in beside),
                     _fmt(bt.get("score")),
                     "-" if not bt.get("ci") else f"{_fmt(bt['ci'][0])} to {_fmt(bt['ci'][1])}",
                 ]
@@ -214,7 +232,9 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("")
     lines += [
         "Unparseable: judgments without a rating (MT-Bench, left out of the mean) or answers "
-        "with a game without a verdict (Arena-Hard, left out of the score).",
+        "with a game without a verdict (Arena-Hard, left out of the score). Arena-Hard v2.0's "
+        "score is its hard_prompt win rate; creative_writing, judged against another baseline, "
+        "is shown beside it, never pooled (as upstream).",
         "",
     ]
     return "\n".join(lines)

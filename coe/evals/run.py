@@ -22,7 +22,7 @@ from typing import Any
 
 from coe.evals import arena_hard, mt_bench
 from coe.evals.data import ArenaHardData, ArenaQuestion, MTBenchData, MTQuestion
-from coe.evals.judge import Judge, JudgeError
+from coe.evals.judge import SETUP, Judge, JudgeError
 from coe.evals.systems import Answerer, System
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ ANSWERS, JUDGMENTS, META = "answers.jsonl", "judgments.jsonl", "run.json"
 
 class RunError(ValueError):
     pass
+
+
+# run.json keys a rerun must share with the run it resumes: anything that changes what an
+# answer or a judgment is. Systems may be added.
+SAME_ACROSS_RERUNS = ("benchmark", "judge", "settings")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -46,9 +51,27 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                # A run killed mid-write leaves a partial last line: that item is redone.
-                log.warning("%s: skipping a partial line", path)
+                log.warning("%s: skipping a line that is not JSON", path)
     return rows
+
+
+def last_per_key(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> list:
+    """One row per key, the last written: an item redone (its row lost, say) replaces the old."""
+    return list({key(r): r for r in rows}.values())
+
+
+def cut_partial_line(path: Path) -> bool:
+    """Drop a last line without its newline (a run killed mid-write), so that the next append
+    starts a line of its own. That item is redone. True when something was cut."""
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with path.open("r+b") as handle:
+        handle.truncate(data.rfind(b"\n") + 1)
+    log.warning("%s: dropped a partial last line; its item will be redone", path)
+    return True
 
 
 class RunFolder:
@@ -72,14 +95,16 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.meta_path.exists():
             old = self.meta()
-            for key in ("benchmark", "judge"):
-                if old.get(key) != meta[key]:
+            for key in SAME_ACROSS_RERUNS:
+                for name, was, now in _differences(key, old.get(key), meta.get(key)):
                     raise RunError(
-                        f"{self.path} holds a run with {key} {old.get(key)!r}, not "
-                        f"{meta[key]!r}: pass another --out"
+                        f"{self.path} holds a run with {name} {was!r}, not {now!r}: "
+                        "rerun with the same options, or pass another --out"
                     )
             meta = {**old, "systems": list(dict.fromkeys(old["systems"] + meta["systems"]))}
         self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        for name in (ANSWERS, JUDGMENTS):
+            cut_partial_line(self.path / name)
 
     def answers(self) -> list[dict[str, Any]]:
         return read_rows(self.path / ANSWERS)
@@ -90,6 +115,12 @@ class RunFolder:
     def append(self, name: str, row: dict[str, Any]) -> None:
         with (self.path / name).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [(k, old.get(k), new.get(k)) for k in sorted(old | new) if old.get(k) != new.get(k)]
+    return [] if old == new else [(key, old, new)]
 
 
 # -- the two benchmarks, as the runner sees them ---------------------------------------------
@@ -107,6 +138,15 @@ class MTBenchTask:
 
     def question(self, key: str) -> MTQuestion:
         return self._by_key[key]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What decides an answer or a judgment besides the question (run.json)."""
+        return {
+            "max_tokens": self.max_tokens,
+            "judge_max_tokens": self.judge_max_tokens,
+            "reference": self.data.reference_model,
+        }
 
     @staticmethod
     def answer_key(row: dict[str, Any]) -> tuple[str, str]:
@@ -174,6 +214,14 @@ class ArenaHardTask:
 
     def question(self, key: str) -> ArenaQuestion:
         return self._by_key[key]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "judge_max_tokens": self.judge_max_tokens or self.data.judge_max_tokens,
+            "judge_attempts": self.judge_attempts,
+        }
 
     @staticmethod
     def answer_key(row: dict[str, Any]) -> tuple[str, str]:
@@ -284,7 +332,12 @@ async def execute(
     async def judge_one(answer: dict[str, Any], key: tuple) -> None:
         try:
             row = await task.judge(judge, answer, key)
-        except (JudgeError, RuntimeError) as exc:
+        except JudgeError as exc:
+            if exc.kind == SETUP:
+                raise  # every judgment would fail alike: stop, record nothing
+            result.failures.append(f"judging {key}: {exc}")
+            return
+        except RuntimeError as exc:
             result.failures.append(f"judging {key}: {exc}")
             return
         if row is not None:
@@ -305,8 +358,17 @@ async def execute(
         tick("answers", 1)
         await asyncio.gather(*(judge_one(row, k) for k in task.judgment_keys(row)))
 
-    await asyncio.gather(
-        *(answer_one(s, q) for s, q in plan.answers),
-        *(judge_one(a, k) for a, k in plan.judgments),
-    )
+    try:
+        async with asyncio.TaskGroup() as group:
+            for s, q in plan.answers:
+                group.create_task(answer_one(s, q))
+            for a, k in plan.judgments:
+                group.create_task(judge_one(a, k))
+    except* JudgeError as failed:
+        first = failed.exceptions[0]
+        raise RunError(
+            f"{first}\nThe judge is misconfigured (key, model name or parameters); no judgment "
+            "was recorded for it. Fix --judge / --judge-base-url / --judge-api-key and rerun: "
+            "the answers written so far are kept."
+        ) from None
     return result

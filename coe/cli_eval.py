@@ -394,7 +394,8 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         rows = []
         for model, s in scores.items():
             bt = s["bradley_terry"] or {}
-            for arena, wr in s["arena_categories"].items():
+            arenas = s["arena_categories"] or {"-": {"score": None, "ci": [None, None]}}
+            for arena, wr in arenas.items():
                 rows.append(
                     (model, arena, str(wr["score"]), f"{wr['ci'][0]} to {wr['ci'][1]}",
                      str(bt.get("score", "-")), str(s["unparseable"]))

@@ -49,14 +49,21 @@ def test_checkpoint_read_equals_safetensors_own_loader(tmp_path: Path) -> None:
         "c_f32": torch.randn(4, dtype=torch.float32),
         "d_i64": torch.arange(6, dtype=torch.int64).reshape(2, 3),
         "e_scalar": torch.tensor(1.5, dtype=torch.float16),
+        "f_fp8": torch.randn(8).to(torch.float8_e4m3fn),
+        "g_empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "h_bool": torch.tensor([True, False]),
     }
     path = tmp_path / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    read = dict(read_safetensors(path, pin=False))
+    tensors, buffers = read_safetensors(path, pin=False)
+    read = dict(tensors)
+    assert len(buffers) == 1
     expected = load_file(str(path))
     assert read.keys() == expected.keys()
     for name, tensor in expected.items():
-        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+        assert read[name].dtype == tensor.dtype and read[name].shape == tensor.shape, name
+        as_bytes = [t.reshape(-1).view(torch.uint8) for t in (read[name], tensor)]
+        assert torch.equal(*as_bytes), name
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="ends 4 bytes early"):
         read_safetensors(path, pin=False)

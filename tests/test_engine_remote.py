@@ -135,7 +135,7 @@ def test_gateway_serves_a_remote_expert(vllm_server: str) -> None:
 async def test_litellm_judge_against_the_real_server(vllm_server: str, tmp_path: Path) -> None:
     """The eval judge through litellm, as with a vLLM server the user starts: an answer, then
     the same request from the cache, and a clear permanent error for an unknown model."""
-    from coe.evals.judge import ChatTurn, Judge, JudgeError, JudgmentCache, LiteLLMJudge
+    from coe.evals.judge import SETUP, ChatTurn, Judge, JudgeError, JudgmentCache, LiteLLMJudge
 
     cache = JudgmentCache(tmp_path / "judgments.sqlite")
     judge = Judge(LiteLLMJudge("openai/gemma-remote", vllm_server), cache)
@@ -147,4 +147,9 @@ async def test_litellm_judge_against_the_real_server(vllm_server: str, tmp_path:
     unknown = Judge(LiteLLMJudge("openai/no-such-model", vllm_server), backoff_s=0.001)
     with pytest.raises(JudgeError) as raised:
         await unknown.complete(messages, 0.0, 16)
-    assert raised.value.permanent and unknown.stats.calls == 1
+    assert raised.value.kind == SETUP and unknown.stats.calls == 1
+    # More new tokens than the server's whole context: no prompt can fit, so the run stops
+    # instead of recording every judgment as too long.
+    with pytest.raises(JudgeError, match="leaves no room") as raised:
+        await judge.complete(messages, 0.0, 1_000_000)
+    assert raised.value.kind == SETUP

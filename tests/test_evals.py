@@ -195,6 +195,9 @@ def test_v2_scores_each_arena_category_apart_with_hard_prompt_the_headline() -> 
     assert s["headline_category"] == "hard_prompt" and s["win_rate"]["score"] == 100.0
     assert s["arena_categories"]["creative_writing"]["score"] == 0.0  # not pooled into 50
     assert s["bradley_terry"] is None  # two baselines: no single anchor
+    alone = arena_hard.score_judgments(creative)["m"]  # no hard prompts judged (--limit)
+    assert alone["headline_category"] is None and alone["win_rate"]["score"] is None
+    assert alone["arena_categories"]["creative_writing"]["score"] == 0.0
 
 
 def test_upstream_records_score_null_games_and_v01_fields() -> None:
@@ -295,9 +298,17 @@ async def test_judge_retries_transient_errors_and_stops_on_permanent_ones() -> N
     assert judge.stats.calls == 1
     down = ScriptedJudge([JudgeError("down", TRANSIENT)])
     judge = Judge(down, retries=2, backoff_s=0.001)
-    with pytest.raises(JudgeError, match="down"):
+    with pytest.raises(JudgeError, match="down") as raised:
         await judge.complete([ChatTurn("user", "x")], 0.0, 10)
     assert judge.stats.calls == 3
+    assert raised.value.kind == SETUP and "has not answered once" in str(raised.value)
+    # Once the judge has answered, an outage is an outage: the item is left for a rerun.
+    judge = Judge(ScriptedJudge(["[[5]]", JudgeError("down", TRANSIENT)]), retries=1,
+                  backoff_s=0.001)  # fmt: skip
+    await judge.complete([ChatTurn("user", "x")], 0.0, 10)
+    with pytest.raises(JudgeError) as raised:
+        await judge.complete([ChatTurn("user", "y")], 0.0, 10)
+    assert raised.value.kind == TRANSIENT
 
 
 @pytest.mark.parametrize(
@@ -467,6 +478,11 @@ def test_a_rerun_with_other_settings_is_refused_but_may_add_systems(tmp_path: Pa
     assert folder.meta()["systems"] == ["auto", "coder"]
     with pytest.raises(RunError, match="max_tokens 1024, not 64"):
         folder.open({**meta, "settings": {"max_tokens": 64, "reference": "gpt-4"}})
+    # A run.json written before settings were recorded resumes, and records them from then on.
+    older = RunFolder(tmp_path / "older")
+    older.open({k: v for k, v in meta.items() if k != "settings"})
+    older.open(meta)
+    assert older.meta()["settings"] == meta["settings"]
 
 
 async def test_a_misconfigured_judge_stops_the_run_and_a_refused_prompt_is_recorded(

@@ -20,6 +20,7 @@ loader runs in `coe bench swap`.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -146,6 +147,11 @@ class HostCopyBench:
         return asdict(self)
 
 
+def _sig(seconds: float) -> float:
+    """Four significant figures: a tiny checkpoint's copy takes microseconds."""
+    return float(f"{seconds:.4g}")
+
+
 def _device() -> tuple[str, str]:
     if torch.cuda.is_available():
         return "cuda", torch.cuda.get_device_name()
@@ -162,7 +168,12 @@ def write_checkpoint(folder: Path, shape: DecoderShape, seed: int, device: str) 
         name: torch.randn(dims, generator=generator, device=device, dtype=torch.bfloat16).cpu()
         for name, dims in shape.tensors()
     }
-    save_file(tensors, str(folder / "model.safetensors"))
+    path = folder / "model.safetensors"
+    save_file(tensors, str(path))
+    # On disk before the page cache is dropped: dirty pages cannot be dropped, and the disk
+    # figures would be reads from RAM.
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -228,14 +239,14 @@ def run_host_copy_bench(
         shape=shape_name,
         tensors=sum(1 for _ in shape.tensors()),
         checkpoint_bytes=nbytes,
-        disk_to_host_s=round(staged["seconds"], 3),
+        disk_to_host_s=_sig(staged["seconds"]),
         page_cache="dropped (posix_fadvise)" if dropped else "warm (could not drop)",
-        disk_to_device_s=round(disk_to_device, 3),
-        capture_s=round(capture, 4),
-        host_to_device_s=round(swap, 5),
-        host_to_device_samples_s=[round(s, 5) for s in samples],
+        disk_to_device_s=_sig(disk_to_device),
+        capture_s=_sig(capture),
+        host_to_device_s=_sig(swap),
+        host_to_device_samples_s=[_sig(s) for s in samples],
         floor_kind=floor["kind"],
-        floor_s=round(floor["seconds"], 5),
+        floor_s=_sig(floor["seconds"]),
         effective_gb_s=round(nbytes / swap / 1e9, 2),
         floor_gb_s=round(floor["bytes"] / floor["seconds"] / 1e9, 2),
         swap_vs_floor=round(swap / floor["seconds"], 3),

@@ -274,7 +274,8 @@ def score_judgments(
             per_arena[arena] += p
             per_category[str(r.get("subcategory") or arena)] += p
         arenas = {a: win_rate(v, seed) for a, v in sorted(per_arena.items())}
-        headline = HEADLINE_CATEGORY if HEADLINE_CATEGORY in arenas else next(iter(arenas), None)
+        # hard_prompt, or v0.1's one category; never creative_writing standing in for it.
+        headline = next((c for c in (HEADLINE_CATEGORY, LEGACY_CATEGORY) if c in arenas), None)
         baselines = sorted({str(r["baseline"]) for r in rows})
         bt: dict[str, Any] = {}
         if len(baselines) == 1:  # v0.1 has one baseline; v2.0's two make no single anchor

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ PERMANENT_STATUS = {400, 401, 403, 404, 413, 422}
 # Words in a 4xx that say the judge cannot take this one prompt (the others may pass).
 PROMPT_REFUSED = ("context length", "context window", "maximum context", "too long",
                   "content policy", "content_policy", "content management")  # fmt: skip
+
+# vLLM and OpenAI name the judge's context in a too-long error.
+CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)")
 
 # What a failure says about the run:
 TRANSIENT = "transient"  # retry it (outage, rate limit, timeout)
@@ -120,7 +124,13 @@ class LiteLLMJudge:
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             status = getattr(exc, "status_code", None)
             message = f"judge {self.model}: {type(exc).__name__}: {exc}"
-            raise JudgeError(message, classify(status, str(exc), type(exc).__name__)) from exc
+            kind = classify(status, str(exc), type(exc).__name__)
+            context = CONTEXT_LIMIT.search(str(exc))
+            if kind == PROMPT and context and max_tokens >= int(context.group(1)):
+                # Not this prompt: no prompt at all fits beside that many new tokens.
+                message += f" (--judge-max-tokens {max_tokens} leaves no room for any prompt)"
+                kind = SETUP
+            raise JudgeError(message, kind) from exc
         return str(response.choices[0].message.content or "")
 
 
@@ -200,7 +210,8 @@ def default_cache_path() -> Path:
 
 @dataclass
 class JudgeStats:
-    calls: int = 0  # requests that reached the judge model
+    calls: int = 0  # requests sent to the judge model
+    answered: int = 0  # of those, answered
     cached: int = 0  # answered from the cache
     retries: int = 0
 
@@ -240,8 +251,8 @@ class Judge:
             return hit
         async with self._limit:
             text = await self._call(messages, temperature, max_tokens)
-        # An empty output (a reasoning judge out of tokens, a server hiccup) is not kept: a
-        # rerun asks again instead of reading the same nothing forever.
+        # An empty output (a reasoning judge out of tokens, a server hiccup) is recorded as
+        # unparseable but not cached: another run, or the item redone, asks again.
         if self.cache is not None and text.strip():
             self.cache.put(key, text)
         return text
@@ -250,9 +261,19 @@ class Judge:
         for attempt in range(self.retries + 1):
             self.stats.calls += 1
             try:
-                return await self.backend.complete(messages, temperature, max_tokens)
+                text = await self.backend.complete(messages, temperature, max_tokens)
+                self.stats.answered += 1
+                return text
             except JudgeError as exc:
-                if exc.permanent or attempt == self.retries:
+                if exc.permanent:
+                    raise
+                if attempt == self.retries:
+                    if not self.stats.answered:  # not once: a wrong URL or a server not up
+                        raise JudgeError(
+                            f"{exc} (the judge has not answered once: check --judge-base-url "
+                            "and that its server is up)",
+                            SETUP,
+                        ) from exc
                     raise
                 # Full jitter: concurrent judgments that failed together do not retry together.
                 delay = random.uniform(0, self.backoff_s * 2**attempt)

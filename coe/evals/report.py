@@ -191,7 +191,7 @@ def markdown(summary: dict[str, Any]) -> str:
         # Arena-Hard v2.0: hard_prompt is the score; creative_writing gets a column of its own.
         beside = sorted(
             {a for s in systems.values() for a in s.get("arena_categories") or {}}
-            - {s.get("headline_category") for s in systems.values()}
+            - {arena_hard.HEADLINE_CATEGORY, arena_hard.LEGACY_CATEGORY}
         )
         if benchmark == MT_BENCH:
             head = ["system", "score", "turn 1", "turn 2"]

@@ -101,7 +101,9 @@ class RunFolder:
                         f"{self.path} holds a run with {name} {was!r}, not {now!r}: "
                         "rerun with the same options, or pass another --out"
                     )
-            meta = {**old, "systems": list(dict.fromkeys(old["systems"] + meta["systems"]))}
+            # Keys an older run.json lacks are taken from this run.
+            systems = list(dict.fromkeys(old["systems"] + meta["systems"]))
+            meta = {**meta, **{k: v for k, v in old.items() if v is not None}, "systems": systems}
         self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         for name in (ANSWERS, JUDGMENTS):
             cut_partial_line(self.path / name)
@@ -118,6 +120,8 @@ class RunFolder:
 
 
 def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    if old is None:  # a run.json from before coe recorded this key
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         return [(k, old.get(k), new.get(k)) for k in sorted(old | new) if old.get(k) != new.get(k)]
     return [] if old == new else [(key, old, new)]
@@ -356,7 +360,9 @@ async def execute(
         folder.append(ANSWERS, row)
         result.answered += 1
         tick("answers", 1)
-        await asyncio.gather(*(judge_one(row, k) for k in task.judgment_keys(row)))
+        async with asyncio.TaskGroup() as judging:  # a failure cancels its siblings too
+            for k in task.judgment_keys(row):
+                judging.create_task(judge_one(row, k))
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -364,11 +370,30 @@ async def execute(
                 group.create_task(answer_one(s, q))
             for a, k in plan.judgments:
                 group.create_task(judge_one(a, k))
-    except* JudgeError as failed:
-        first = failed.exceptions[0]
+    except BaseExceptionGroup as failed:
+        errors = _leaves(failed)
+        setup = [e for e in errors if isinstance(e, JudgeError)]
+        for other in errors:
+            if other not in setup:
+                log.error("run stopped: %s", other, exc_info=other)
+        if not errors:
+            raise
+        if not setup:
+            raise errors[0] from None
         raise RunError(
-            f"{first}\nThe judge is misconfigured (key, model name or parameters); no judgment "
-            "was recorded for it. Fix --judge / --judge-base-url / --judge-api-key and rerun: "
-            "the answers written so far are kept."
+            f"{setup[0]}\nThe judge is misconfigured (key, model name, endpoint or parameters); "
+            "nothing was recorded for it. Fix --judge / --judge-base-url / --judge-api-key / "
+            "--judge-max-tokens and rerun: the answers written so far are kept."
         ) from None
     return result
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions in a (nested) group, cancellations left out."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _leaves(exc)
+        elif not isinstance(exc, asyncio.CancelledError):
+            out.append(exc)
+    return out

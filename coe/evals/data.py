@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from coe import jsonl
 from coe.paths import evaldata_dir
 from coe.router.data import ARENA_HARD_CATEGORY
 
@@ -44,23 +45,11 @@ class EvalDataError(ValueError):
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """One JSON object per line. Lines are split on "\\n" only: an Arena-Hard prompt holds U+2028,
-    which str.splitlines() would treat as a line break."""
-    try:
-        handle = path.open(encoding="utf-8", newline="\n")
-    except OSError as exc:
-        raise EvalDataError(f"{path}: cannot read ({exc.strerror}); {HOW_TO_GET}") from None
-    with handle:
-        for n, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalDataError(f"{path}:{n}: expected a JSON object")
-            yield row
+    """One JSON object per line (split on "\\n" only: an Arena-Hard prompt holds U+2028)."""
+    if not path.exists():
+        raise EvalDataError(f"{path}: no such file; {HOW_TO_GET}")
+    for _, row in jsonl.read_jsonl(path, EvalDataError):
+        yield row
 
 
 # -- MT-Bench --------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from coe.jsonl import read_jsonl
+
 ARENA_HARD_CATEGORY = {"creative_writing": "writing", "coding": "coding", "math": "math"}
 
 
@@ -50,16 +52,7 @@ def read_labelled(path: Path | str) -> list[LabelledPrompt]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     rows = []
-    # split("\n"), not splitlines(): prompts may hold U+2028 and friends, which JSON leaves raw.
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        if not isinstance(raw, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object")
+    for n, raw in read_jsonl(path, DataError):
         row = _row(raw, f"{path}:{n}")
         if not row.prompt.strip():
             raise DataError(f"{path}:{n}: empty prompt")

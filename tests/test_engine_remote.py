@@ -150,6 +150,6 @@ async def test_litellm_judge_against_the_real_server(vllm_server: str, tmp_path:
     assert raised.value.kind == SETUP and unknown.stats.calls == 1
     # More new tokens than the server's whole context: no prompt can fit, so the run stops
     # instead of recording every judgment as too long.
-    with pytest.raises(JudgeError, match="leaves no room") as raised:
+    with pytest.raises(JudgeError, match="max_model_len") as raised:
         await judge.complete(messages, 0.0, 1_000_000)
     assert raised.value.kind == SETUP

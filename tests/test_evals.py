@@ -331,6 +331,39 @@ def test_judge_failures_are_classified(status: int | None, message: str, name: s
     assert classify(status, message, name) == kind
 
 
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("max_tokens=9000 cannot be greater than max_model_len=4096.", SETUP),  # vLLM 0.32
+        ("This model's maximum context length is 4096 tokens. However, you requested 9000", SETUP),
+        (
+            "This model's maximum context length is 16384 tokens. However, you requested 20000",
+            PROMPT,
+        ),  # this prompt is too long; others fit
+    ],
+)
+async def test_new_tokens_beyond_the_judges_whole_context_stop_the_run(
+    monkeypatch: pytest.MonkeyPatch, message: str, kind: str
+) -> None:
+    import litellm
+
+    from coe.evals.judge import LiteLLMJudge
+
+    class BadRequest(Exception):
+        status_code = 400
+
+    async def refuse(**kwargs: Any) -> None:
+        raise BadRequest(message)
+
+    monkeypatch.setattr(litellm, "acompletion", refuse)
+    with pytest.raises(JudgeError) as raised:
+        await LiteLLMJudge("hosted_vllm/j", "http://x/v1").complete(
+            [ChatTurn("user", "q")], 0, 9000
+        )
+    assert raised.value.kind == kind
+    assert ("leaves no room" in str(raised.value)) == (kind == SETUP)
+
+
 async def test_empty_outputs_are_not_cached_and_servers_do_not_share_entries(
     tmp_path: Path,
 ) -> None:

@@ -32,8 +32,9 @@ PERMANENT_STATUS = {400, 401, 403, 404, 413, 422}
 PROMPT_REFUSED = ("context length", "context window", "maximum context", "too long",
                   "content policy", "content_policy", "content management")  # fmt: skip
 
-# vLLM and OpenAI name the judge's context in a too-long error.
-CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)")
+# vLLM and OpenAI name the judge's context in a too-long error ("maximum context length is
+# 4096", or vLLM 0.32's "cannot be greater than max_model_len=1024").
+CONTEXT_LIMIT = re.compile(r"(?:maximum context length is|max_model_len=)\s*(\d+)")
 
 # What a failure says about the run:
 TRANSIENT = "transient"  # retry it (outage, rate limit, timeout)
@@ -126,7 +127,7 @@ class LiteLLMJudge:
             message = f"judge {self.model}: {type(exc).__name__}: {exc}"
             kind = classify(status, str(exc), type(exc).__name__)
             context = CONTEXT_LIMIT.search(str(exc))
-            if kind == PROMPT and context and max_tokens >= int(context.group(1)):
+            if kind != TRANSIENT and context and max_tokens >= int(context.group(1)):
                 # Not this prompt: no prompt at all fits beside that many new tokens.
                 message += f" (--judge-max-tokens {max_tokens} leaves no room for any prompt)"
                 kind = SETUP

@@ -246,13 +246,16 @@ def plot_categories(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(summary), 1, figsize=(10, 4 * len(summary)), squeeze=False)
     for ax, (benchmark, systems) in zip(axes[:, 0], summary.items(), strict=True):
         categories = sorted({c for s in systems.values() for c in s.get("categories", {})})
+        ax.set_title(f"{benchmark}: score per category")
+        if not categories:
+            _nothing_rated(ax)
+            continue
         width = 0.8 / max(1, len(systems))
         for i, (name, s) in enumerate(systems.items()):
             values = [s.get("categories", {}).get(c) or 0.0 for c in categories]
             ax.bar([x + i * width for x in range(len(categories))], values, width, label=name)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))], categories)
         ax.set_ylabel("score (1-10)" if benchmark == MT_BENCH else "win rate vs baseline (%)")
-        ax.set_title(f"{benchmark}: score per category")
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,6 +273,10 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
             for name, s in systems.items()
             if s.get("avg_active_params") is not None and s.get("score") is not None
         ]
+        ax.set_title(f"{benchmark}: score vs cost")
+        if not points:
+            _nothing_rated(ax)
+            continue
         for x, y, name in points:
             ax.scatter([x], [y])
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
@@ -282,10 +289,17 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
             ax.plot(*zip(*frontier, strict=True), linestyle="--", color="grey")
         ax.set_xlabel("average active parameters (billions)")
         ax.set_ylabel("score")
-        ax.set_title(f"{benchmark}: score vs cost")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _nothing_rated(ax: Any) -> None:
+    """An empty panel says why: every judgment of this benchmark was unparseable."""
+    ax.text(0.5, 0.5, "no rated judgments\n(see the unparseable counts)", ha="center",
+            va="center", transform=ax.transAxes)  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _pyplot() -> Any:

@@ -20,15 +20,12 @@ import click
 from coe import __version__
 from coe.cli_cache import register as register_cache_commands
 from coe.cli_eval import register as register_eval_commands
+from coe.cli_exit import EXIT_BAD_INPUT, EXIT_FAILED
 from coe.cli_gateway import register as register_gateway_commands
 from coe.cli_prompts import register as register_prompt_commands
 from coe.cli_router import register as register_router_commands
 from coe.config import PREPARED_PREFIX, ConfigError, PoolConfig, load_config
 from coe.engines.vllm_local import quiet_vllm_logs
-
-# Exit statuses: 1 for a failure while serving, 2 for bad input (config, arguments), as click does.
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
 
 
 class Context:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-
-
-def _fail(message: str, status: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(status)
+from coe.cli_exit import EXIT_FAILED, fail
 
 
 def _run_options(f: Any) -> Any:
@@ -156,7 +149,7 @@ def _progress_bars(totals: dict[str, int]) -> tuple[Any, Callable[[str, int], No
 
 def _run(ctx: Any, task: Any, opts: dict[str, Any]) -> None:
     """Plan, start only what the remaining work needs, answer and judge, print the scores."""
-    from coe.cli import EXIT_FAILED, _close, _open_orchestrator
+    from coe.cli import _close, _open_orchestrator
     from coe.evals.report import load_run, score_run
     from coe.evals.run import RunError, RunFolder, execute, plan_run
     from coe.evals.systems import Answerer, SystemSpecError, resolve_systems
@@ -178,7 +171,7 @@ def _run(ctx: Any, task: Any, opts: dict[str, Any]) -> None:
         )
         plan = plan_run(folder, task, systems, opts["limit"])
     except (SystemSpecError, RunError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     todo_judgments = len(plan.judgments) + plan.waiting_judgments
     click.echo(
         f"{task.name}: {len(plan.answers)} answers and {todo_judgments} judgments to do "
@@ -201,7 +194,7 @@ def _run(ctx: Any, task: Any, opts: dict[str, Any]) -> None:
                 else:
                     result = runner.run(work)
         except RunError as exc:  # the judge is misconfigured: nothing more can be judged
-            _fail(str(exc), EXIT_FAILED)
+            fail(str(exc), EXIT_FAILED)
         finally:
             if runner is not None:
                 _close(runner, orch)
@@ -219,7 +212,7 @@ def _run(ctx: Any, task: Any, opts: dict[str, Any]) -> None:
     if result is not None and result.failures:
         for failure in result.failures[:10]:
             click.echo(f"failed: {failure}", err=True)
-        _fail(
+        fail(
             f"{len(result.failures)} item(s) failed; rerun the same command to retry them",
             EXIT_FAILED,
         )
@@ -277,7 +270,7 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         try:
             data = load_mt_bench(opts["data"], opts["reference"])
         except EvalDataError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         _run(ctx, MTBenchTask(data, opts["max_tokens"], opts["judge_max_tokens"]), opts)
 
     @eval_.command("arena-hard")
@@ -309,7 +302,7 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         try:
             data = load_arena_hard(opts["data"], opts["version"])
         except EvalDataError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         task = ArenaHardTask(
             data, opts["max_tokens"], opts["judge_max_tokens"], opts["judge_attempts"]
         )
@@ -341,7 +334,7 @@ def register(main: click.Group, pass_ctx: Any) -> None:
             rows = list(read_jsonl(judgments))
             questions = load_mt_bench(data).questions
         except EvalDataError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         categories = {q.question_id: q.category for q in questions}
         scores = score_judgments(rows, categories)
         if as_json:
@@ -383,9 +376,9 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         try:
             scores = score_judgments(read_jsonl(judgments), seed, baseline)
         except KeyError as exc:
-            _fail(f"{judgments}: a record lacks the field {exc}")
+            fail(f"{judgments}: a record lacks the field {exc}")
         except (EvalDataError, ValueError) as exc:
-            _fail(f"{judgments}: {exc}")
+            fail(f"{judgments}: {exc}")
         if as_json:
             click.echo(json.dumps(scores, indent=2))
             return
@@ -426,7 +419,7 @@ def register(main: click.Group, pass_ctx: Any) -> None:
             loaded = [load_run(r) for r in runs]
             paths = write_report(loaded, out or runs[0] / "report", seed)
         except RunError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         for kind, path in paths.items():
             click.echo(f"{kind}: {path}")
 
@@ -448,7 +441,7 @@ def register(main: click.Group, pass_ctx: Any) -> None:
         try:
             table = expert_scores([load_run(r) for r in runs], ctx.config.expert_names)
         except RunError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(table, indent=2) + "\n")
         click.echo(f"wrote {out}: {', '.join(table['scores'])} on {len(table['frequencies'])} "

@@ -9,14 +9,8 @@ from typing import Any
 
 import click
 
+from coe.cli_exit import fail
 from coe.config import PoolConfig
-
-EXIT_BAD_INPUT = 2
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def load_router(
@@ -32,7 +26,7 @@ def load_router(
     try:
         return TwoStageRouter.from_config(cfg, router_path, backend)
     except (RouterArtifactError, EmbedderError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
@@ -65,7 +59,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
                 decision.category, messages
             )
         except MixtureError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         decision = with_shaping(decision, shaping)
         if as_json:
             click.echo(json.dumps(decision.as_dict(), ensure_ascii=False))
@@ -161,7 +155,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
                 report=lambda m: click.echo(m, err=True),
             )
         except (DataError, EmbedderError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         artifact.save(out)
         m = artifact.metrics
         click.echo(
@@ -202,7 +196,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         try:
             rows = read_labelled(data)
         except DataError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         router = load_router(ctx.config, router_path, backend)
         report = evaluate(router, rows)
         if plot:
@@ -254,7 +248,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             frontier = pareto_frontier(table, params)
             chosen = best_within(frontier, budget_params)
         except MappingError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         changes = write_map(cfg.source, chosen.assignment) if write else []
         if as_json:
             click.echo(
@@ -293,7 +287,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         try:
             rows = read_labelled(path)
         except DataError as exc:
-            _fail(f"{exc} (set COE_EVALDATA or pass --prompts)")
+            fail(f"{exc} (set COE_EVALDATA or pass --prompts)")
         router = load_router(ctx.config)
         result = run_router_bench(router, rows, repeats)
         if as_json:

@@ -152,32 +152,31 @@ class Answerer:
                 max_tokens=max_tokens,
             )  # fmt: skip
         except PromptTooLongError as exc:
-            record = _record(decision.expert, decision, time.perf_counter() - t0, 0, 0, self.orch)
+            record = _record(decision, time.perf_counter() - t0, 0, 0, self.orch)
             record["error"] = str(exc)
             return Turn(ERROR_ANSWER, decision, record)
         d = result.decision
         record = _record(
-            d.expert, d, result.latency_s, result.usage.prompt_tokens,
-            result.usage.completion_tokens, self.orch,
+            d, result.latency_s, result.usage.prompt_tokens, result.usage.completion_tokens,
+            self.orch,
         )  # fmt: skip
         return Turn(result.text, d, record)
 
 
 def _record(
-    expert: str | None,
-    decision: RouteDecision | None,
+    decision: RouteDecision,
     latency_s: float,
     prompt_tokens: int,
     completion_tokens: int,
     orch: Orchestrator,
 ) -> dict[str, Any]:
-    params = orch.config.expert(expert).params if expert is not None else None
+    """What one request cost, and who answered it."""
     return {
-        "expert": expert,
-        "category": decision.category if decision is not None else None,
-        "confidence": decision.confidence if decision is not None else None,
-        "strategy": decision.strategy if decision is not None else None,
-        "params": params,
+        "expert": decision.expert,
+        "category": decision.category,
+        "confidence": decision.confidence,
+        "strategy": decision.strategy,
+        "params": orch.config.expert(decision.expert).params,
         "latency_s": round(latency_s, 4),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

@@ -7,15 +7,19 @@ str.splitlines() would treat as line breaks (one Arena-Hard prompt does).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def read_jsonl(
-    path: Path, error: type[Exception] = ValueError
+    path: Path, error: type[Exception] = ValueError, *, skip_bad: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each line that is not blank; `error` for anything else."""
+    """(line number, object) for each line that is not blank; `error` for anything else, or
+    with `skip_bad` a warning and the next line (a file still being appended to)."""
     try:
         handle = path.open(encoding="utf-8", newline="\n")
     except OSError as exc:
@@ -26,8 +30,12 @@ def read_jsonl(
                 continue
             try:
                 row = json.loads(line)
+                problem = None if isinstance(row, dict) else "expected a JSON object"
             except json.JSONDecodeError as exc:
-                raise error(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise error(f"{path}:{n}: expected a JSON object")
-            yield n, row
+                problem = f"not JSON ({exc.msg})"
+            if problem is None:
+                yield n, row
+            elif skip_bad:
+                log.warning("%s:%d: skipped: %s", path, n, problem)
+            else:
+                raise error(f"{path}:{n}: {problem}")

@@ -24,6 +24,7 @@ from coe.evals import arena_hard, mt_bench
 from coe.evals.data import ArenaHardData, ArenaQuestion, MTBenchData, MTQuestion
 from coe.evals.judge import SETUP, Judge, JudgeError
 from coe.evals.systems import Answerer, System
+from coe.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,10 @@ SAME_ACROSS_RERUNS = ("benchmark", "judge", "settings")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A run file's rows; a line that is not a row (one a live run is writing) is skipped."""
     if not path.exists():
         return []
-    rows = []
-    with path.open(encoding="utf-8", newline="\n") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s: skipping a line that is not JSON", path)
-    return rows
+    return [row for _, row in read_jsonl(path, RunError, skip_bad=True)]
 
 
 def last_per_key(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> list:
@@ -95,12 +88,15 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.meta_path.exists():
             old = self.meta()
-            for key in SAME_ACROSS_RERUNS:
-                for name, was, now in _differences(key, old.get(key), meta.get(key)):
-                    raise RunError(
-                        f"{self.path} holds a run with {name} {was!r}, not {now!r}: "
-                        "rerun with the same options, or pass another --out"
-                    )
+            changed = [
+                d for k in SAME_ACROSS_RERUNS for d in _differences(k, old.get(k), meta.get(k))
+            ]
+            if changed:
+                name, was, now = changed[0]
+                raise RunError(
+                    f"{self.path} holds a run with {name} {was!r}, not {now!r}: "
+                    "rerun with the same options, or pass another --out"
+                )
             # Keys an older run.json lacks are taken from this run.
             systems = list(dict.fromkeys(old["systems"] + meta["systems"]))
             meta = {**meta, **{k: v for k, v in old.items() if v is not None}, "systems": systems}

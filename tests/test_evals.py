@@ -16,6 +16,7 @@ from coe.evals import arena_hard, mt_bench
 from coe.evals.data import (
     ArenaHardData,
     ArenaQuestion,
+    EvalDataError,
     load_arena_hard,
     load_mt_bench,
     read_jsonl,
@@ -31,7 +32,15 @@ from coe.evals.judge import (
     classify,
 )
 from coe.evals.report import expert_scores, load_run, write_report
-from coe.evals.run import ArenaHardTask, MTBenchTask, RunError, RunFolder, execute, plan_run
+from coe.evals.run import (
+    ArenaHardTask,
+    MTBenchTask,
+    RunError,
+    RunFolder,
+    cut_partial_line,
+    execute,
+    plan_run,
+)
 from coe.evals.systems import Answerer, System, Turn
 from coe.paths import evaldata_dir
 from coe.router.base import RouteDecision
@@ -540,6 +549,39 @@ async def test_a_misconfigured_judge_stops_the_run_and_a_refused_prompt_is_recor
     assert all(
         j["score"] == -1 and j["judgment"].startswith("$ERROR$") for j in refused.judgments()
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        (b'{"a": 1}\n{"a": 2}\n', b'{"a": 1}\n{"a": 2}\n'),  # whole: untouched
+        (b'{"a": 1}\n{"a": 2', b'{"a": 1}\n'),
+        (b'{"a": 1}\n' + b"x" * 200_000, b'{"a": 1}\n'),  # a tail longer than one block
+        (b"x" * 200_000, b""),  # no whole line at all
+        (b"", b""),
+    ],
+)
+def test_a_partial_last_line_is_cut_back_to_the_last_newline(
+    tmp_path: Path, content: bytes, kept: bytes
+) -> None:
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(content)
+    assert cut_partial_line(path) == (content != kept)
+    assert path.read_bytes() == kept
+
+
+def test_an_arena_hard_config_without_judge_settings_is_a_clear_error(tmp_path: Path) -> None:
+    shipped = evaldata_dir() / "arena_hard"
+    (tmp_path / "arena_hard").mkdir()
+    (tmp_path / "arena_hard" / "v2.0").symlink_to(shipped / "v2.0")
+    config = tmp_path / "arena_hard" / "config"
+    config.mkdir()
+    (config / "arena-hard-v2.0.yaml").write_text(
+        (shipped / "config/arena-hard-v2.0.yaml").read_text()
+    )
+    (config / "judge_settings.json").write_text('{"SETTINGS": {}}')
+    with pytest.raises(EvalDataError, match=r"no 'JUDGE_SETTINGS' in arena-hard-v2\.0\.yaml or"):
+        load_arena_hard(tmp_path, "v2.0")
 
 
 def test_a_run_folder_refuses_another_judge(tmp_path: Path) -> None:

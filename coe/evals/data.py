@@ -207,13 +207,19 @@ def _config_from_dir(config_dir: Path, version: str) -> _ArenaConfig:
         raw = json.loads((config_dir / "judge_settings.json").read_text())
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise EvalDataError(f"Arena-Hard config in {config_dir}: {exc}") from None
-    return _ArenaConfig(
-        settings=_judge_settings(raw["JUDGE_SETTINGS"]),
-        prompt_template=str(config["prompt_template"]),
-        regex_patterns=tuple(config["regex_patterns"]),
-        temperature=float(config.get("temperature", 0.0)),
-        max_tokens=int(config.get("max_tokens", 4096)),
-    )
+    try:
+        return _ArenaConfig(
+            settings=_judge_settings(raw["JUDGE_SETTINGS"]),
+            prompt_template=str(config["prompt_template"]),
+            regex_patterns=tuple(config["regex_patterns"]),
+            temperature=float(config.get("temperature", 0.0)),
+            max_tokens=int(config.get("max_tokens", 4096)),
+        )
+    except (KeyError, AttributeError, TypeError) as exc:
+        raise EvalDataError(
+            f"Arena-Hard config in {config_dir}: no {exc} in arena-hard-{version}.yaml or "
+            "judge_settings.json"
+        ) from None
 
 
 def _module_constants(path: Path) -> dict[str, Any]:

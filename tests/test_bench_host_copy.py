@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coe.bench.host_copy import SHAPES, BareWorker, _Model, run_host_copy_bench
-from coe.cache.worker import read_safetensors
+from coe.cache.worker import read_into_buffer, read_safetensors
 
 from .conftest import coe
 
@@ -55,7 +55,7 @@ def test_checkpoint_read_equals_safetensors_own_loader(tmp_path: Path) -> None:
     }
     path = tmp_path / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    tensors, buffers = read_safetensors(path, pin=False)
+    tensors, buffers = read_into_buffer(path, pin=False)  # the pinned path's reader, unpinned
     read = dict(tensors)
     assert len(buffers) == 1
     expected = load_file(str(path))
@@ -64,12 +64,16 @@ def test_checkpoint_read_equals_safetensors_own_loader(tmp_path: Path) -> None:
         assert read[name].dtype == tensor.dtype and read[name].shape == tensor.shape, name
         as_bytes = [t.reshape(-1).view(torch.uint8) for t in (read[name], tensor)]
         assert torch.equal(*as_bytes), name
+    plain = dict(read_safetensors(path, pin=False)[0])  # safetensors' own loader on CPU
+    assert plain.keys() == read.keys()
+    assert all(torch.equal(plain[n].reshape(-1).view(torch.uint8),
+                           read[n].reshape(-1).view(torch.uint8)) for n in read)  # fmt: skip
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="ends 4 bytes early"):
-        read_safetensors(path, pin=False)
+        read_into_buffer(path, pin=False)
     path.write_bytes(b"PK\x03\x04 a zip, not a checkpoint" * 4)
     with pytest.raises(ValueError, match="not a safetensors file"):
-        read_safetensors(path, pin=False)
+        read_into_buffer(path, pin=False)
 
 
 def test_cli_prints_json(tmp_path: Path) -> None:

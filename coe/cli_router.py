@@ -33,26 +33,40 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
     """Attach the router commands to the CLI's groups."""
 
     @main.command()
-    @click.argument("prompt")
+    @click.argument("prompt", required=False)
     @click.option("--json", "as_json", is_flag=True, help="Print the RouteDecision as JSON.")
     @click.option(
         "--router", "router_path", type=click.Path(path_type=Path), help="Router folder to use."
     )
+    @click.option(
+        "--messages",
+        "messages_file",
+        type=click.File("r"),
+        help='A whole conversation to route: a JSON list of {"role", "content"} (OpenAI '
+        "style; - reads stdin). Its latest turn is routed with the task it belongs to.",
+    )
     @pass_ctx
-    def route(ctx: Any, prompt: str, as_json: bool, router_path: Path | None) -> None:
-        """Show where PROMPT would go (category, confidence, expert) without generating."""
+    def route(
+        ctx: Any, prompt: str | None, as_json: bool, router_path: Path | None, messages_file: Any
+    ) -> None:
+        """Show where PROMPT (or a conversation) would go: category, confidence, expert."""
         from coe.engines.base import Message
 
-        if prompt == "-":
-            prompt = sys.stdin.read()
-        if not prompt.strip():
-            raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+        if messages_file is not None:
+            if prompt is not None:
+                raise click.UsageError("give PROMPT or --messages, not both")
+            messages = _read_messages(messages_file)
+        else:
+            if prompt == "-":
+                prompt = sys.stdin.read()
+            if prompt is None or not prompt.strip():
+                raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+            messages = [Message("user", prompt)]
         from coe.orchestrator import with_shaping
         from coe.prompts.mixture import MixtureError
         from coe.prompts.strategies import Strategies
 
         router = load_router(ctx.config, router_path)
-        messages = [Message("user", prompt)]
         decision = router.route(messages)
         try:
             shaping = Strategies(ctx.config, lambda: router.embedder).describe(
@@ -82,7 +96,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         """Fit, evaluate and map the two-stage router (embedding -> classifier -> expert)."""
 
     @router.command("fit")
-    @click.argument("data", type=click.Path(path_type=Path, dir_okay=False))
+    @click.argument("data", type=click.Path(path_type=Path))
     @click.option("--out", type=click.Path(path_type=Path), required=True, help="Router folder.")
     @click.option(
         "--kind", type=click.Choice(["logreg", "knn"]), default="logreg", show_default=True
@@ -100,12 +114,14 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         show_default=True,
         help="How prompts are embedded (also at serving time).",
     )
-    @click.option("--max-seq-length", default=64, show_default=True, help="Tokens embedded.")
+    @click.option(
+        "--max-seq-length", type=int, help="Tokens embedded [default: 64; 128 with --finetune]."
+    )
     @click.option(
         "--tail-tokens",
-        default=16,
-        show_default=True,
-        help="Of those, tokens from the end of a long prompt (onnx-int8; 0 = start only).",
+        type=int,
+        help="Of those, tokens from the end of a long prompt (onnx-int8; 0 = start only) "
+        "[default: 16; 32 with --finetune].",
     )
     @click.option("--folds", default=5, show_default=True, help="Cross-validation folds.")
     @click.option(
@@ -115,34 +131,92 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         help="What a fallback answer is worth against a right (1) or wrong (0) specialist; "
         "sets the confidence threshold.",
     )
+    @click.option(
+        "--finetune",
+        is_flag=True,
+        help="Fine-tune the encoder end to end on DATA's training split (seeded, CPU) and ship "
+        "it in --out as int8 ONNX; the held-out split calibrates and measures.",
+    )
+    @click.option(
+        "--heldout-fraction",
+        default=0.15,
+        show_default=True,
+        help="With --finetune: the share of DATA held out (chosen by a hash of each prompt).",
+    )
+    @click.option(
+        "--followups",
+        type=click.Path(path_type=Path, exists=True),
+        help="With --finetune: a prompt sheet (or JSONL) of follow-up turns such as 'now make "
+        "it shorter'; fits the detector that keeps them with their conversation's task.",
+    )
+    @click.option("--epochs", default=3, show_default=True, help="With --finetune: epochs.")
+    @click.option("--seed", default=0, show_default=True, help="With --finetune: random seed.")
     def router_fit(
         data: Path,
         out: Path,
         kind: str,
         embedding_model: str,
         backend: str,
-        max_seq_length: int,
-        tail_tokens: int,
+        max_seq_length: int | None,
+        tail_tokens: int | None,
         folds: int,
         fallback_value: float,
+        finetune: bool,
+        heldout_fraction: float,
+        followups: Path | None,
+        epochs: int,
+        seed: int,
     ) -> None:
-        """Fit a router on DATA.jsonl ({"prompt", "category"} per line) and save it to --out.
+        """Fit a router on DATA and save it to --out.
 
-        Hyper-parameters, calibration and the fallback threshold are chosen by cross-validation
-        on DATA alone.
+        DATA: a JSONL file of {"prompt", "category"} lines, or a folder of prompt sheets
+        (CATEGORY.txt; see coe/router/sheets.py). Without --finetune, hyper-parameters,
+        calibration and the fallback threshold come from cross-validation on DATA alone; with
+        it, from DATA's held-out split.
         """
         from coe.router.data import DataError, read_labelled
         from coe.router.embed import EmbedderError, EmbedderSettings, load_embedder
         from coe.router.train import fit_router
 
+        say = lambda m: click.echo(m, err=True)  # noqa: E731
         try:
             rows = read_labelled(data)
+            if finetune:
+                if backend != "onnx-int8" or kind != "logreg":
+                    raise ValueError("--finetune serves with onnx-int8 and a linear head")
+                artifact = _fit_finetuned(
+                    rows,
+                    out,
+                    embedding_model,
+                    128 if max_seq_length is None else max_seq_length,
+                    32 if tail_tokens is None else tail_tokens,
+                    heldout_fraction,
+                    followups,
+                    epochs,
+                    seed,
+                    fallback_value,
+                    data.name,
+                    say,
+                )
+                m = artifact.metrics
+                click.echo(
+                    f"saved {out}: {len(artifact.categories)} categories, {len(rows)} prompts "
+                    f"({m['heldout_n']} held out); held-out accuracy "
+                    f"{m['heldout_accuracy']:.3f}, macro-F1 {m['heldout_macro_f1']:.3f}, "
+                    f"ECE {m['heldout_expected_calibration_error']:.3f}; threshold "
+                    f"{artifact.threshold:.2f}; fine-tuned in {m['finetune_seconds']:.0f} s"
+                )
+                return
             embedder = load_embedder(
                 EmbedderSettings(
                     model=embedding_model,
                     backend=backend,
-                    max_seq_length=max_seq_length,
-                    tail_tokens=0 if backend == "torch" else tail_tokens,
+                    max_seq_length=64 if max_seq_length is None else max_seq_length,
+                    tail_tokens=0
+                    if backend == "torch"
+                    else 16
+                    if tail_tokens is None
+                    else tail_tokens,
                 )
             )
             artifact = fit_router(
@@ -152,7 +226,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
                 folds=folds,
                 fallback_value=fallback_value,  # type: ignore[arg-type]
                 source=data.name,
-                report=lambda m: click.echo(m, err=True),
+                report=say,
             )
         except (DataError, EmbedderError, ValueError) as exc:
             fail(str(exc))
@@ -165,7 +239,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         )
 
     @router.command("eval")
-    @click.argument("data", type=click.Path(path_type=Path, dir_okay=False))
+    @click.argument("data", type=click.Path(path_type=Path))
     @click.option("--router", "router_path", type=click.Path(path_type=Path), help="Router folder.")
     @click.option(
         "--backend",
@@ -174,7 +248,10 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
     )
     @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
     @click.option(
-        "--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write the confusion PNG."
+        "--plot",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Write the confusion matrix to this PNG, and accuracy against coverage beside it "
+        "(NAME-coverage.png).",
     )
     @pass_ctx
     def router_eval(
@@ -187,11 +264,12 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
     ) -> None:
         """Accuracy, macro-F1, per-category precision/recall and the confusion matrix on DATA.
 
-        DATA: coe's JSONL, the MT-Bench question file (first turns) or the Arena-Hard v2.0
-        question file (subcategories; creative_writing counts as writing).
+        DATA: coe's JSONL or a folder of prompt sheets, the MT-Bench question file (first
+        turns) or the Arena-Hard v2.0 question file (subcategories; creative_writing counts as
+        writing).
         """
         from coe.router.data import DataError, read_labelled
-        from coe.router.evaluate import evaluate, plot_confusion
+        from coe.router.evaluate import evaluate, plot_confusion, plot_coverage
 
         try:
             rows = read_labelled(data)
@@ -199,14 +277,16 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             fail(str(exc))
         router = load_router(ctx.config, router_path, backend)
         report = evaluate(router, rows)
-        if plot:
+        coverage_png = plot.with_name(f"{plot.stem}-coverage.png") if plot else None
+        if plot and coverage_png:
             plot_confusion(report, plot, title=f"{data.name}: accuracy {report.accuracy:.3f}")
+            plot_coverage(report, coverage_png, title=f"{data.name}: accuracy against coverage")
         if as_json:
             click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
             return
         _print_eval(report, data.name)
         if plot:
-            click.echo(f"confusion matrix written to {plot}")
+            click.echo(f"confusion matrix written to {plot}, accuracy/coverage to {coverage_png}")
 
     @router.command("map")
     @click.option(
@@ -296,16 +376,101 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         _print_bench(result, path.name)
 
 
+def _read_messages(handle: Any) -> list[Any]:
+    """A conversation from JSON: [{"role": "user", "content": "..."}, ...]; a clear error else."""
+    from coe.engines.base import Message
+
+    where = getattr(handle, "name", "--messages")
+    try:
+        raw = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"{where}: not JSON ({exc.msg})", param_hint="--messages"
+        ) from None
+    roles = ("system", "user", "assistant")
+    if not isinstance(raw, list) or not all(
+        isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str)
+        for m in raw
+    ):
+        raise click.BadParameter(
+            f'{where}: expected a list of {{"role": system|user|assistant, "content": text}}',
+            param_hint="--messages",
+        )
+    if not any(m["role"] == "user" and m["content"].strip() for m in raw):
+        raise click.BadParameter(f"{where}: no user message", param_hint="--messages")
+    return [Message(m["role"], m["content"]) for m in raw]
+
+
+def _fit_finetuned(
+    rows: list[Any],
+    out: Path,
+    model: str,
+    max_seq_length: int,
+    tail_tokens: int,
+    heldout_fraction: float,
+    followups: Path | None,
+    epochs: int,
+    seed: int,
+    fallback_value: float,
+    source: str,
+    say: Any,
+) -> Any:
+    from coe.router.data import LabelledPrompt, read_labelled
+    from coe.router.finetune import FinetuneSettings
+    from coe.router.followup import FOLLOWUP
+    from coe.router.sheets import read_sheet
+    from coe.router.train import fit_finetuned_router
+
+    turns: list[LabelledPrompt] = []
+    if followups is not None:
+        if followups.suffix == ".txt":
+            turns = [
+                LabelledPrompt(p.prompt, FOLLOWUP, p.lang, p.tags) for p in read_sheet(followups)
+            ]
+        else:
+            turns = [LabelledPrompt(r.prompt, FOLLOWUP) for r in read_labelled(followups)]
+    return fit_finetuned_router(
+        rows,
+        out,
+        model=model,
+        max_seq_length=max_seq_length,
+        tail_tokens=tail_tokens,
+        heldout_fraction=heldout_fraction,
+        settings=FinetuneSettings(epochs=epochs, seed=seed),
+        followups=turns,
+        fallback_value=fallback_value,
+        source=source,
+        report=say,
+    )
+
+
 def _print_eval(report: Any, name: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    expert = "n/a" if report.expert_accuracy is None else f"{report.expert_accuracy:.3f}"
     console.print(
-        f"{name}: n={report.n}  accuracy {report.accuracy:.3f}  macro-F1 {report.macro_f1:.3f}  "
-        f"(below threshold: {report.fallback_rate:.1%}; accuracy counting those as misses: "
-        f"{report.accuracy_with_fallback:.3f})"
+        f"{name}: n={report.n}  accuracy {report.accuracy:.3f}  coarse (3-way) "
+        f"{report.coarse_accuracy:.3f}  right expert {expert}  macro-F1 {report.macro_f1:.3f}  "
+        f"ECE {report.ece:.3f} (coarse {report.coarse_ece:.3f})"
     )
+    console.print(
+        f"below the threshold {report.threshold:.2f}: {report.fallback_rate:.1%}; accuracy "
+        f"counting those as misses: {report.accuracy_with_fallback:.3f}"
+    )
+    cov = Table(title="accuracy against coverage")
+    for col in ("threshold", "coverage", "accuracy", "coarse accuracy"):
+        cov.add_column(col, justify="right")
+    for p in report.coverage:
+        mark = " ←" if p["threshold"] == report.threshold else ""
+        cov.add_row(
+            f"{p['threshold']:.2f}{mark}",
+            f"{p['coverage']:.3f}",
+            "-" if p["accuracy"] is None else f"{p['accuracy']:.3f}",
+            "-" if p["coarse_accuracy"] is None else f"{p['coarse_accuracy']:.3f}",
+        )
+    console.print(cov)
     per = Table(title="per category")
     for col in ("category", "precision", "recall", "f1", "n"):
         per.add_column(col, justify="right" if col != "category" else "left")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coe.paths import mt_bench_questions
+from coe.paths import arena_hard_questions, mt_bench_questions
+from coe.router.data import read_labelled
 
 from .conftest import coe
 
@@ -21,21 +22,66 @@ def test_route_json_names_coding() -> None:
     assert [a["category"] for a in out["alternatives"]] and out["latency_s"] > 0
 
 
+def test_route_json_follows_a_conversation(tmp_path: Path) -> None:
+    """A follow-up keeps the first turn's category; a new task gets its own."""
+    opened = [
+        {"role": "user", "content": "Write a Python function that merges two sorted lists"},
+        {"role": "assistant", "content": "def merge(a, b): ..."},
+    ]
+    for last, category, continues in (
+        ("now make it shorter", "coding", True),
+        ("ok, different question: prove that √2 is irrational", "math", False),
+    ):
+        path = tmp_path / "conversation.json"
+        path.write_text(json.dumps([*opened, {"role": "user", "content": last}]))
+        run = coe("route", "--json", "--messages", str(path))
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert (out["category"], out["continues"]) == (category, continues), out
+
+
+def test_route_refuses_a_broken_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[{"role": "robot", "content": "hi"}]')
+    run = coe("route", "--messages", str(path))
+    assert run.returncode == 2 and "role" in run.stderr and "bad.json" in run.stderr
+
+
 def test_router_eval_on_mt_bench(tmp_path: Path) -> None:
     png = tmp_path / "mt.png"
     run = coe("router", "eval", str(mt_bench_questions()), "--json", "--plot", str(png))
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["n"] == 80
-    assert set(out) >= {"accuracy", "macro_f1", "per_category"}
+    assert set(out) >= {"accuracy", "macro_f1", "per_category", "coarse_accuracy", "ece"}
     assert len(out["per_category"]) == 8
     assert out["accuracy"] > 0.5  # a broken router would be near 1/8
+    assert out["coarse_accuracy"] >= out["accuracy"]
+    coverage = out["coverage"]
+    assert coverage[0]["threshold"] == 0.0 and coverage[0]["coverage"] == 1.0
+    assert [c["coverage"] for c in coverage] == sorted(
+        (c["coverage"] for c in coverage), reverse=True
+    )
     assert png.stat().st_size > 1000
+    assert (tmp_path / "mt-coverage.png").stat().st_size > 1000
+
+
+def test_router_eval_on_arena_hard_reports_coarse_and_expert_accuracy() -> None:
+    run = coe("router", "eval", str(arena_hard_questions()), "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["n"] == 750
+    assert set(out) >= {"accuracy", "coarse_accuracy", "expert_accuracy", "ece"}
+    assert set(out["per_category"]) == {"coding", "math", "writing"}
+    assert 0.0 <= out["ece"] <= 1.0 and out["expert_accuracy"] is not None
 
 
 def test_router_fit_then_route_with_it(tmp_path: Path) -> None:
-    text = (ROOT / "routers/default/train.jsonl").read_text()
-    rows = [json.loads(line) for line in text.split("\n") if line]
+    rows = [
+        {"prompt": r.prompt, "category": r.category}
+        for r in read_labelled(ROOT / "routers/default/data")
+        if len(r.prompt) < 300 and r.lang == "en"
+    ]
     picked = [r for r in rows if r["category"] == "coding"][:30]
     picked += [r for r in rows if r["category"] == "writing"][:30]
     data = tmp_path / "small.jsonl"

@@ -95,6 +95,20 @@ class KeywordRouter:
         )
 
 
+class TopicRouter(KeywordRouter):
+    """Tells follow-ups (a latest turn starting with "now") from new tasks, as the fitted router
+    does: a follow-up is routed with the first turn, a new task on its own."""
+
+    tells_followups = True
+
+    def route(self, messages: Sequence[Message]) -> RouteDecision:
+        users = [m for m in messages if m.role == "user"]
+        continues = len(users) > 1 and users[-1].content.startswith("now")
+        task = users[0] if continues or len(users) == 1 else users[-1]
+        decision = super().route([task])
+        return RouteDecision(**{**decision.__dict__, "continues": continues})
+
+
 def gateway_pool(**gateway: object) -> PoolConfig:
     base = {"model": "/nonexistent", "sampling": {"temperature": 0.0, "max_tokens": 64}}
     data = {
@@ -154,11 +168,11 @@ class Running:
 
 
 def start_gateway(
-    config: PoolConfig, redis_url: str | None = None
+    config: PoolConfig, redis_url: str | None = None, router: KeywordRouter | None = None
 ) -> tuple[Running, BackgroundLoop]:
     runner = BackgroundLoop()
     engines = EnginePool(config, factory=lambda cfg, expert, name: EchoEngine(name))
-    orch = Orchestrator(config, engines, router=KeywordRouter())
+    orch = Orchestrator(config, engines, router=router or KeywordRouter())
     server = GatewayServer(orch, runner, host="127.0.0.1", port=0, redis_url=redis_url)
     server.start()
     return Running(server, orch), runner
@@ -394,6 +408,30 @@ def test_deterministic_requests_are_cached(gw: Running) -> None:
     assert "cache me" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     skipped = gw.post("/v1/chat/completions", body, **{"x-coe-cache-control": "no-cache"})
     assert skipped.headers["x-coe-cache"] == "bypass"
+
+
+def test_a_session_follows_a_new_task_and_keeps_a_follow_up() -> None:
+    running, runner = start_gateway(gateway_pool(), router=TopicRouter())
+    try:
+        client = running.client()
+        history = ask("write code for a parser")
+        first = client.chat.completions.create(model="auto", messages=history, temperature=0.5)
+        assert first.model == "coder"
+        history.append({"role": "assistant", "content": first.choices[0].message.content})
+        follow = [*history, {"role": "user", "content": "now a poem about it"}]
+        kept = client.chat.completions.with_raw_response.create(
+            model="auto", messages=follow, temperature=0.5
+        )
+        # The session's decision (no confidence: nothing was classified) is kept.
+        assert kept.parse().model == "coder" and "x-coe-confidence" not in kept.headers
+        switched = [*history, {"role": "user", "content": "different question: a poem"}]
+        new = client.chat.completions.with_raw_response.create(
+            model="auto", messages=switched, temperature=0.5
+        )
+        assert new.parse().model == "writer" and new.headers["x-coe-confidence"] == "0.9000"
+    finally:
+        running.server.stop()
+        runner.close()
 
 
 def test_sampled_requests_are_not_cached_unless_asked(gw: Running) -> None:

@@ -8,7 +8,6 @@ the pool's writer expert on a cache miss and read from the store on a hit.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -71,11 +70,14 @@ class PromptsBench:
 
 
 def training_prompts(config: PoolConfig) -> list[dict[str, str]]:
-    """The router's own training prompts (never the evaluation sets)."""
+    """The router's own training prompts (never the evaluation sets): its folder's prompt
+    sheets (data/), or a train.jsonl beside router.json."""
+    from coe.router.data import read_labelled
     from coe.router.router import router_dir
 
-    path = router_dir(config) / "train.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    folder = router_dir(config)
+    path = folder / "data" if (folder / "data").is_dir() else folder / "train.jsonl"
+    return [{"prompt": r.prompt, "category": r.category} for r in read_labelled(path)]
 
 
 def run_prompts_bench(

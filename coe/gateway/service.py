@@ -176,12 +176,14 @@ class ChatService:
         """The expert for a request and how it was chosen (caller, category, session, router)."""
         if model == AUTO:
             sticky = await self._sticky(messages, session)
-            if sticky is not None:
+            if sticky is not None and not self._tells_new_tasks():
                 return sticky, "session"
             if self.orch.router is None:
                 return self.orch.route(messages), "fallback"
             # The embedding takes milliseconds of CPU: keep the event loop free for streams.
             decision = await asyncio.to_thread(self.orch.route, messages)
+            if sticky is not None and decision.continues:
+                return sticky, "session"  # a follow-up stays with the expert that answered
             return decision, "fallback" if decision.fell_back else "router"
         if model.startswith(CATEGORY_PREFIX):
             name = model[len(CATEGORY_PREFIX) :]
@@ -198,6 +200,11 @@ class ChatService:
         if model in self.config.expert_names:
             return self.orch.route(messages, expert=model), "caller"
         raise model_not_found(model, self.model_ids())
+
+    def _tells_new_tasks(self) -> bool:
+        """Whether the router can tell a follow-up from a new task; without that, a session
+        keeps its expert for every turn."""
+        return bool(getattr(self.orch.router, "tells_followups", False))
 
     async def _sticky(self, messages: list[Message], session: str | None) -> RouteDecision | None:
         keys = []

@@ -1,6 +1,7 @@
-"""A fitted router on disk: ``router.json`` (metadata, readable) + ``weights.npz`` (arrays).
+"""A fitted router on disk: ``router.json`` (metadata, readable) + ``weights.npz`` (arrays),
+and for a fine-tuned router ``encoder/`` (its int8 ONNX graph and tokenizer).
 
-Both formats are inert data: JSON, and NumPy arrays loaded with ``allow_pickle=False``.
+All are inert data: JSON, NumPy arrays loaded with ``allow_pickle=False``, and ONNX.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from coe import __version__
 from coe.router.classifier import CategoryClassifier
 from coe.router.embed import EmbedderSettings
+from coe.router.followup import FollowupDetector
 
 FORMAT = "coe-router/1"
 META_FILE = "router.json"
@@ -37,6 +39,8 @@ class RouterArtifact:
     metrics: dict[str, Any]
     coe_version: str = __version__
     created: str = ""
+    # Tells a turn that continues the conversation ("now make it shorter") from a new task.
+    followup: FollowupDetector | None = None
 
     @property
     def categories(self) -> list[str]:
@@ -46,8 +50,11 @@ class RouterArtifact:
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.get("backend") == "torch":
             given.setdefault("tail_tokens", 0)  # the torch path cannot keep a text's tail
+        model = self.embedder["model"]
+        if self.path is not None and (self.path / model).is_dir():
+            model = str(self.path / model)  # a fine-tuned encoder shipped inside the folder
         return EmbedderSettings(
-            model=self.embedder["model"],
+            model=model,
             backend=self.embedder["backend"],
             max_seq_length=self.embedder["max_seq_length"],
             tail_tokens=self.embedder.get("tail_tokens", 0),
@@ -63,14 +70,17 @@ class RouterArtifact:
             "threshold": self.threshold,
             "training": self.training,
             "metrics": self.metrics,
-        }
+        } | ({"followup": self.followup.describe()} if self.followup else {})
 
     def save(self, folder: Path | str) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.created = self.created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         tmp_weights = folder / f".{WEIGHTS_FILE}.tmp.npz"
-        np.savez(tmp_weights, **self.classifier.to_arrays())
+        arrays = self.classifier.to_arrays()
+        if self.followup is not None:
+            arrays |= self.followup.to_arrays()
+        np.savez(tmp_weights, **arrays)
         tmp_meta = folder / f".{META_FILE}.tmp"
         tmp_meta.write_text(json.dumps(self.meta(), indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp_weights, folder / WEIGHTS_FILE)
@@ -101,6 +111,9 @@ def load_artifact(folder: Path | str) -> RouterArtifact:
         with np.load(weights_path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         classifier = CategoryClassifier.from_arrays(meta["classifier"], arrays)
+        followup = (
+            FollowupDetector.from_arrays(meta["followup"], arrays) if "followup" in meta else None
+        )
     except (KeyError, ValueError, OSError) as exc:
         raise RouterArtifactError(f"{folder}: damaged router weights ({exc})") from None
     return RouterArtifact(
@@ -112,4 +125,5 @@ def load_artifact(folder: Path | str) -> RouterArtifact:
         metrics=meta.get("metrics", {}),
         coe_version=meta.get("coe_version", "?"),
         created=meta.get("created", ""),
+        followup=followup,
     )

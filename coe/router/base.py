@@ -27,6 +27,9 @@ class RouteDecision:
     region: int | None = None
     identity: str | None = None
     identity_source: str | None = None
+    # The latest user turn continues an earlier task ("now make it shorter") and was routed
+    # with it; False for a one-turn conversation or a turn that starts a new task.
+    continues: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -36,6 +39,11 @@ class RouteDecision:
 
 class Router(Protocol):
     def route(self, messages: Sequence[Message]) -> RouteDecision: ...
+
+    # True when route() tells a follow-up turn from a new task (RouteDecision.continues);
+    # a gateway session then re-routes a new task instead of keeping its expert.
+    @property
+    def tells_followups(self) -> bool: ...
 
 
 class Embedder(Protocol):

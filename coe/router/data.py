@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coe.jsonl import read_jsonl
+from coe.router.sheets import SheetError, read_sheets
 
 ARENA_HARD_CATEGORY = {"creative_writing": "writing", "coding": "coding", "math": "math"}
 
@@ -34,6 +35,10 @@ class DataError(ValueError):
 class LabelledPrompt:
     prompt: str
     category: str
+    # Where known (prompt sheets): the user's language and free tags such as "long" or "terse",
+    # used to measure slices of a held-out split.
+    lang: str = "en"
+    tags: tuple[str, ...] = ()
 
 
 def _row(raw: dict, where: str) -> LabelledPrompt:
@@ -53,9 +58,16 @@ def _row(raw: dict, where: str) -> LabelledPrompt:
 
 
 def read_labelled(path: Path | str) -> list[LabelledPrompt]:
+    """Rows of a JSONL file, or of a folder of prompt sheets (``coe.router.sheets``)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        try:
+            sheet = read_sheets(path)
+        except SheetError as exc:
+            raise DataError(str(exc)) from None
+        return [LabelledPrompt(p.prompt, p.category, p.lang, p.tags) for p in sheet]
     rows = []
     for n, raw in read_jsonl(path, DataError):
         row = _row(raw, f"{path}:{n}")
@@ -73,6 +85,21 @@ def data_hash(rows: list[LabelledPrompt]) -> str:
     for r in rows:
         h.update(json.dumps([r.prompt, r.category], ensure_ascii=False).encode() + b"\n")
     return h.hexdigest()
+
+
+def is_heldout(prompt: str, fraction: float) -> bool:
+    """Whether a prompt belongs to the held-out split: decided by a hash of its text, so the
+    split is the same on every machine and a prompt keeps its side when others are added."""
+    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 10_000
+    return bucket < fraction * 10_000
+
+
+def split_heldout(
+    rows: list[LabelledPrompt], fraction: float
+) -> tuple[list[LabelledPrompt], list[LabelledPrompt]]:
+    train = [r for r in rows if not is_heldout(r.prompt, fraction)]
+    held = [r for r in rows if is_heldout(r.prompt, fraction)]
+    return train, held
 
 
 def category_counts(rows: list[LabelledPrompt]) -> dict[str, int]:

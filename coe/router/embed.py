@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from coe.router.base import Embedder
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# A model folder holding this graph is served from it as it is (a fine-tuned router's encoder);
+# any other model gets its graph built once into $COE_HOME/embedders.
+SHIPPED_GRAPH = "model.int8.onnx"
 Backend = Literal["onnx-int8", "torch"]
 
 
@@ -67,7 +70,8 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Identifies the weights cheaply: config, tokenizer, pooling and the weight files' sizes."""
+    """Identifies the weights: config, tokenizer, pooling, the weight files' sizes, and the whole
+    content of a shipped ONNX graph (a fine-tuned encoder's retrained weights keep their size)."""
     h = hashlib.sha256()
     for name in ("config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json"):
         f = model_dir / name
@@ -75,6 +79,9 @@ def model_fingerprint(model_dir: Path) -> str:
             h.update(name.encode() + b"\0" + f.read_bytes())
     for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
+    shipped = model_dir / SHIPPED_GRAPH
+    if shipped.exists():
+        h.update(SHIPPED_GRAPH.encode() + b"\0" + hashlib.sha256(shipped.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -113,6 +120,12 @@ class TorchEmbedder(_BaseEmbedder):
         super().__init__(settings)
         from sentence_transformers import SentenceTransformer
 
+        if not any(self.model_dir.glob("*.safetensors")) and not any(self.model_dir.glob("*.bin")):
+            raise EmbedderError(
+                f"{self.model_dir}: holds only an int8 ONNX graph (a fine-tuned router's encoder); "
+                "embed with the onnx-int8 backend"
+            )
+
         quiet_transformers()
         self._model = SentenceTransformer(str(self.model_dir), device="cpu")
         self._model.max_seq_length = settings.max_seq_length
@@ -139,7 +152,9 @@ class OnnxEmbedder(_BaseEmbedder):
 
         from coe.router.onnx_export import ensure_onnx_model
 
-        graph = ensure_onnx_model(self.model_dir, self.fingerprint)
+        graph = self.model_dir / SHIPPED_GRAPH
+        if not graph.exists():
+            graph = ensure_onnx_model(self.model_dir, self.fingerprint)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self._session = ort.InferenceSession(
@@ -161,9 +176,9 @@ class OnnxEmbedder(_BaseEmbedder):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         token_ids = [
-            self._truncate(e.ids)
+            head_tail(e.ids, self.max_seq_length, self.tail_tokens)
             for e in self._tokenizer.encode_batch(
-                [_clip(t, 16 * self.max_seq_length) for t in texts]
+                [clip_text(t, 16 * self.max_seq_length) for t in texts]
             )
         ]
         # Batches of similar length waste little compute on padding.
@@ -185,18 +200,17 @@ class OnnxEmbedder(_BaseEmbedder):
             out[chunk] = self._session.run(None, feed)[0]
         return out
 
-    def _truncate(self, ids: list[int]) -> list[int]:
-        """Head and tail of an over-long text; both ends keep their special tokens."""
-        limit = self.max_seq_length
-        if len(ids) <= limit:
-            return ids
-        tail = self.tail_tokens
-        if tail == 0:
-            return ids[: limit - 1] + ids[-1:]
-        return ids[: limit - tail] + ids[-tail:]
+
+def head_tail(ids: list[int], limit: int, tail: int) -> list[int]:
+    """Head and tail of an over-long text; both ends keep their special tokens."""
+    if len(ids) <= limit:
+        return ids
+    if tail == 0:
+        return ids[: limit - 1] + ids[-1:]
+    return ids[: limit - tail] + ids[-tail:]
 
 
-def _clip(text: str, chars: int) -> str:
+def clip_text(text: str, chars: int) -> str:
     """Cut a huge text to its two ends before tokenizing (only the ends are embedded)."""
     if len(text) <= 2 * chars:
         return text

@@ -13,6 +13,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from coe.paths import embedders_dir, exclusive_lock
 
@@ -37,12 +38,12 @@ def ensure_onnx_model(model_dir: Path, fingerprint: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         log.info("building the int8 ONNX embedder for %s into %s", model_dir, target)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-            staged = _build(model_dir, Path(tmp))
+            staged = build_onnx_graph(model_dir, Path(tmp))
             os.replace(staged, target)
     return target
 
 
-def _pooling(model_dir: Path) -> tuple[str, bool]:
+def pooling_of(model_dir: Path) -> tuple[str, bool]:
     """(mean | cls, normalise?) as the sentence-transformers model's modules.json says."""
     modules = (
         json.loads((model_dir / "modules.json").read_text())
@@ -64,7 +65,22 @@ def _pooling(model_dir: Path) -> tuple[str, bool]:
     return mode, normalize
 
 
-def _build(model_dir: Path, work: Path) -> Path:
+def pool_hidden(hidden: Any, attention_mask: Any, mode: str, normalize: bool) -> Any:
+    """The sentence embedding from an encoder's token states (torch tensors): mean over the
+    real tokens or the CLS token, then L2 norm if the model has it. Fine-tuning uses this too,
+    so that the trained head sees exactly what the exported graph computes."""
+    import torch
+
+    if mode == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def build_onnx_graph(model_dir: Path, work: Path) -> Path:
+    """Export MODEL_DIR's encoder with its pooling, fuse and quantize it; the graph is WORK's."""
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
@@ -73,7 +89,7 @@ def _build(model_dir: Path, work: Path) -> Path:
     from coe.router.embed import quiet_transformers
 
     quiet_transformers()
-    mode, normalize = _pooling(model_dir)
+    mode, normalize = pooling_of(model_dir)
     # Eager attention exports as plain MatMul/Softmax, which ONNX Runtime fuses into its
     # Attention kernel; the SDPA export does not fuse.
     encoder = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
@@ -93,15 +109,11 @@ def _build(model_dir: Path, work: Path) -> Path:
             hidden = self.encoder(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
-            if mode == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+            return pool_hidden(hidden, attention_mask, mode, normalize)
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     dummy = torch.ones(2, 16, dtype=torch.long)
+    work.mkdir(parents=True, exist_ok=True)
     raw, fused, quant = work / "raw.onnx", work / "fused.onnx", work / GRAPH_NAME
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -1,15 +1,19 @@
 """Two-stage routing: embedding -> classifier -> category, then category -> expert.
 
-A conversation is routed as a whole: its user turns are joined and embedded together, so the
-opening request sets the category and a follow-up ("now make it shorter") does not flip it. The
-embedder keeps the start and the end of a long text, i.e. the first request and the latest one.
-The last turn alone is a poor signal: a bare "make it shorter" reads as a writing request.
+A conversation is routed by the task its latest turn belongs to. A router with a follow-up
+detector (``coe.router.followup``) walks back from the latest user turn over the follow-ups
+("now make it shorter", "and in French?") to the turn that set the task, and classifies that one:
+a follow-up keeps the conversation's category, a new task ("different question: ...") gets its
+own. A bare "make it shorter" classified alone would read as a writing request. A router without
+the detector joins the user turns and embeds them together (head and tail: the first request and
+the latest one).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,15 @@ from coe.router.base import Embedder, RouteDecision
 from coe.router.embed import load_embedder
 
 ALTERNATIVES = 3
+# Turns looked at when walking back to a conversation's task (all embedded in one batch).
+TURNS_LOOKED_AT = 8
+
+
+@dataclass(frozen=True)
+class _Task:
+    proba: np.ndarray
+    note: str | None = None  # how the task was found in a conversation of several turns
+    continues: bool = False  # the latest turn is a follow-up of an earlier one
 
 
 def check_compatible(artifact: RouterArtifact, embedder: Embedder, config: PoolConfig) -> None:
@@ -82,20 +95,45 @@ class TwoStageRouter:
             threshold=config.router.threshold,
         )
 
+    @property
+    def tells_followups(self) -> bool:
+        """Whether a follow-up turn is told from a new task (see ``coe.router.followup``)."""
+        return self.artifact.followup is not None
+
     # -- stage one and two -------------------------------------------------------------------
     def classify(self, texts: Sequence[str]) -> np.ndarray:
         """Category probabilities for each text (columns in ``self.categories`` order)."""
         return self.artifact.classifier.predict_proba(self.embedder.encode(texts))
 
     def conversation_proba(self, messages: Sequence[Message]) -> np.ndarray:
+        return self._task_proba(messages).proba
+
+    def _task_proba(self, messages: Sequence[Message]) -> _Task:
+        """Category probabilities of the conversation's current task, and how it was found."""
         users = [m.content for m in messages if m.role == "user" and m.content.strip()]
         if not users:
             raise ValueError("the conversation has no user message")
-        return self.classify(["\n\n".join(users)])[0]
+        if len(users) == 1:
+            return _Task(self.classify(users)[0])
+        detector = self.artifact.followup
+        if detector is None:
+            return _Task(self.classify(["\n\n".join(users)])[0], "the user turns, joined")
+        turns = users[-TURNS_LOOKED_AT:]
+        x = self.embedder.encode(turns)
+        follows = detector.is_followup(x)
+        task = len(turns) - 1
+        while task > 0 and follows[task]:
+            task -= 1
+        proba = self.artifact.classifier.predict_proba(x[task : task + 1])[0]
+        if task == len(turns) - 1:
+            return _Task(proba, "the latest turn starts a new task")
+        back = len(turns) - 1 - task
+        return _Task(proba, f"a follow-up: routed with the task {back} user turn(s) back", True)
 
     def route(self, messages: Sequence[Message]) -> RouteDecision:
         t0 = time.perf_counter()
-        proba = self.conversation_proba(messages)
+        found = self._task_proba(messages)
+        proba = found.proba
         order = np.argsort(-proba)
         best = self.categories[order[0]]
         confidence = float(proba[order[0]])
@@ -111,6 +149,8 @@ class TwoStageRouter:
         else:
             category = best
             reason = f"classified as {best}"
+        if found.note:
+            reason = f"{reason} ({found.note})"
         return RouteDecision(
             expert=self.expert_of[category],
             category=category,
@@ -118,6 +158,7 @@ class TwoStageRouter:
             fell_back=category != best,
             reason=reason,
             latency_s=time.perf_counter() - t0,
+            continues=found.continues,
             alternatives=alternatives
             if category == best
             else ((best, round(confidence, 4)), *alternatives[: ALTERNATIVES - 1]),

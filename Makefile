@@ -53,7 +53,7 @@ redis:
 	@command -v redis-server > /dev/null || { echo "redis-server is missing: install it (apt-get install redis-server)"; exit 1; }
 
 # Refit the shipped router from its prompt sheets: the encoder fine-tuned on the CPU (seeded; about
-# 16 minutes on 2 cores), calibrated and measured on the held-out split of routers/default/data.
+# 14 minutes on 2 cores), calibrated and measured on the held-out split of routers/default/data.
 router: install
 	$(BIN)/coe router fit routers/default/data --finetune \
 		--followups routers/default/turns/followup.txt --out routers/default

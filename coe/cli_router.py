@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -277,15 +278,15 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
             fail(str(exc))
         router = load_router(ctx.config, router_path, backend)
         report = evaluate(router, rows)
-        coverage_png = plot.with_name(f"{plot.stem}-coverage.png") if plot else None
-        if plot and coverage_png:
+        if plot is not None:
+            coverage_png = plot.with_name(f"{plot.stem}-coverage.png")
             plot_confusion(report, plot, title=f"{data.name}: accuracy {report.accuracy:.3f}")
             plot_coverage(report, coverage_png, title=f"{data.name}: accuracy against coverage")
         if as_json:
             click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
             return
         _print_eval(report, data.name)
-        if plot:
+        if plot is not None:
             click.echo(f"confusion matrix written to {plot}, accuracy/coverage to {coverage_png}")
 
     @router.command("map")
@@ -415,20 +416,14 @@ def _fit_finetuned(
     source: str,
     say: Any,
 ) -> Any:
-    from coe.router.data import LabelledPrompt, read_labelled
+    from coe.router.data import read_labelled
     from coe.router.finetune import FinetuneSettings
     from coe.router.followup import FOLLOWUP
-    from coe.router.sheets import read_sheet
     from coe.router.train import fit_finetuned_router
 
-    turns: list[LabelledPrompt] = []
-    if followups is not None:
-        if followups.suffix == ".txt":
-            turns = [
-                LabelledPrompt(p.prompt, FOLLOWUP, p.lang, p.tags) for p in read_sheet(followups)
-            ]
-        else:
-            turns = [LabelledPrompt(r.prompt, FOLLOWUP) for r in read_labelled(followups)]
+    # Follow-up turns carry no category of their own: whatever the file says, they are one class.
+    given = read_labelled(followups) if followups is not None else []
+    turns = [dataclasses.replace(r, category=FOLLOWUP) for r in given]
     return fit_finetuned_router(
         rows,
         out,

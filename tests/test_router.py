@@ -222,9 +222,7 @@ def test_shipped_router_was_fitted_on_the_shipped_data() -> None:
 
 
 def read_labelled_followups() -> list[str]:
-    from coe.router.sheets import read_sheet
-
-    return [p.prompt for p in read_sheet(FOLLOWUPS)]
+    return [r.prompt for r in read_labelled(FOLLOWUPS)]
 
 
 def _eval_prompts() -> list[str]:

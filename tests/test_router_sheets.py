@@ -45,6 +45,8 @@ def test_a_folder_of_sheets_reads_as_labelled_data(tmp_path: Path) -> None:
     (tmp_path / "writing.txt").write_text("<<<PROMPT lang=fr>>>\nun poème\n")
     rows = read_labelled(tmp_path)
     assert [(r.category, r.lang) for r in rows] == [("math", "en"), ("writing", "fr")]
+    one = read_labelled(tmp_path / "writing.txt")  # one sheet on its own: its name is the label
+    assert [(r.prompt, r.category, r.lang) for r in one] == [("un poème", "writing", "fr")]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match=r"no \*\.txt prompt sheets"):

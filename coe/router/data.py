@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coe.jsonl import read_jsonl
-from coe.router.sheets import SheetError, read_sheets
+from coe.router.sheets import SheetError, read_sheet, read_sheets
 
 ARENA_HARD_CATEGORY = {"creative_writing": "writing", "coding": "coding", "math": "math"}
 
@@ -58,13 +58,14 @@ def _row(raw: dict, where: str) -> LabelledPrompt:
 
 
 def read_labelled(path: Path | str) -> list[LabelledPrompt]:
-    """Rows of a JSONL file, or of a folder of prompt sheets (``coe.router.sheets``)."""
+    """Rows of a JSONL file, of one prompt sheet (``NAME.txt``: its name is the category), or of
+    a folder of prompt sheets (``coe.router.sheets``)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    if path.is_dir():
+    if path.is_dir() or path.suffix == ".txt":
         try:
-            sheet = read_sheets(path)
+            sheet = read_sheets(path) if path.is_dir() else read_sheet(path)
         except SheetError as exc:
             raise DataError(str(exc)) from None
         return [LabelledPrompt(p.prompt, p.category, p.lang, p.tags) for p in sheet]
@@ -97,8 +98,10 @@ def is_heldout(prompt: str, fraction: float) -> bool:
 def split_heldout(
     rows: list[LabelledPrompt], fraction: float
 ) -> tuple[list[LabelledPrompt], list[LabelledPrompt]]:
-    train = [r for r in rows if not is_heldout(r.prompt, fraction)]
-    held = [r for r in rows if is_heldout(r.prompt, fraction)]
+    train: list[LabelledPrompt] = []
+    held: list[LabelledPrompt] = []
+    for r in rows:
+        (held if is_heldout(r.prompt, fraction) else train).append(r)
     return train, held
 
 

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -148,7 +148,6 @@ class OnnxEmbedder(_BaseEmbedder):
     def __init__(self, settings: EmbedderSettings):
         super().__init__(settings)
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         from coe.router.onnx_export import ensure_onnx_model
 
@@ -166,39 +165,49 @@ class OnnxEmbedder(_BaseEmbedder):
                 f"tail_tokens ({settings.tail_tokens}) must be under half of max_seq_length "
                 f"({settings.max_seq_length})"
             )
-        self._tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
+        self._tokenizer = load_tokenizer(self.model_dir)
         self.tail_tokens = settings.tail_tokens
         self.dim = int(self._session.get_outputs()[0].shape[-1])
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        token_ids = [
-            head_tail(e.ids, self.max_seq_length, self.tail_tokens)
-            for e in self._tokenizer.encode_batch(
-                [clip_text(t, 16 * self.max_seq_length) for t in texts]
-            )
-        ]
+        cut = token_ids(self._tokenizer, texts, self.max_seq_length, self.tail_tokens)
         # Batches of similar length waste little compute on padding.
-        order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
+        order = sorted(range(len(texts)), key=lambda i: len(cut[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         size = self.settings.batch_size
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            width = max(len(token_ids[i]) for i in chunk)
+            width = max(len(cut[i]) for i in chunk)
             ids = np.zeros((len(chunk), width), dtype=np.int64)
             mask = np.zeros((len(chunk), width), dtype=np.int64)
             for row, i in enumerate(chunk):
-                n = len(token_ids[i])
-                ids[row, :n] = token_ids[i]
+                n = len(cut[i])
+                ids[row, :n] = cut[i]
                 mask[row, :n] = 1
             feed = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feed["token_type_ids"] = np.zeros_like(ids)
             out[chunk] = self._session.run(None, feed)[0]
         return out
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's fast tokenizer, with no truncation or padding of its own (``token_ids`` cuts)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def token_ids(tokenizer: Any, texts: Sequence[str], limit: int, tail: int) -> list[list[int]]:
+    """What the encoder sees of each text: a huge text clipped to its two ends, tokenized, then
+    cut to LIMIT tokens keeping TAIL from the end. Serving and fine-tuning both use this."""
+    encoded = tokenizer.encode_batch([clip_text(t, 16 * limit) for t in texts])
+    return [head_tail(e.ids, limit, tail) for e in encoded]
 
 
 def head_tail(ids: list[int], limit: int, tail: int) -> list[int]:

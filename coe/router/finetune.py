@@ -5,10 +5,11 @@ kind of answer it asks for, which often sits in a short request after pasted mat
 the encoder itself with a classification head (mean pooling, L2 normalisation, a linear layer,
 cross-entropy) moves the embedding towards that.
 
-The encoder sees exactly what it will see when serving: the same tokenizer, the same head-and-tail
-truncation (``head_tail``) and the same pooling as the int8 ONNX graph. Training is seeded and runs
-on the CPU (two threads here), so ``coe router fit DATA --finetune`` gives the same router again.
-The result is written as an int8 ONNX graph plus its tokenizer, never as pickled objects.
+The encoder sees exactly what it will see when serving: the same tokens (``embed.token_ids``: the
+tokenizer and the head-and-tail cut) and the same pooling as the int8 ONNX graph. Training is
+seeded and runs on the CPU (two threads here), so ``coe router fit DATA --finetune`` gives the
+same router again. The result is written as an int8 ONNX graph plus its tokenizer, never as
+pickled objects.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from coe.router.embed import clip_text, head_tail, resolve_model_dir
+from coe.router.embed import load_tokenizer, resolve_model_dir, token_ids
 
 # What a fine-tuned encoder folder holds besides the graph: enough to tokenize and to describe.
 ENCODER_FILES = ("tokenizer.json", "config.json", "modules.json")
@@ -53,25 +54,11 @@ class FinetuneSettings(BaseModel):
 
 @dataclass
 class FinetunedEncoder:
-    folder: Path  # the int8 ONNX graph and its tokenizer
     coef: np.ndarray  # the trained head: logits = embedding @ coef.T + intercept
     intercept: np.ndarray
     categories: list[str]
     seconds: float
     history: list[dict[str, float]]
-
-
-def token_ids(
-    tokenizer_file: Path, texts: Sequence[str], max_seq_length: int, tail_tokens: int
-) -> list[list[int]]:
-    """Token ids as the ONNX embedder builds them (same clip, same head-and-tail cut)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    encoded = tokenizer.encode_batch([clip_text(t, 16 * max_seq_length) for t in texts])
-    return [head_tail(e.ids, max_seq_length, tail_tokens) for e in encoded]
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -106,7 +93,7 @@ def finetune_encoder(
     mode, normalize = pooling_of(base)
     categories = sorted(set(labels))
     y = torch.tensor([categories.index(c) for c in labels])
-    ids = token_ids(base / "tokenizer.json", texts, max_seq_length, tail_tokens)
+    ids = token_ids(load_tokenizer(base), texts, max_seq_length, tail_tokens)
 
     random.seed(settings.seed)
     np.random.seed(settings.seed)
@@ -209,7 +196,6 @@ def finetune_encoder(
         + "\n"
     )
     return FinetunedEncoder(
-        folder=out,
         coef=head.weight.detach().numpy().astype(np.float64),
         intercept=head.bias.detach().numpy().astype(np.float64),
         categories=categories,

@@ -45,6 +45,20 @@ def test_route_refuses_a_broken_conversation(tmp_path: Path) -> None:
     path.write_text('[{"role": "robot", "content": "hi"}]')
     run = coe("route", "--messages", str(path))
     assert run.returncode == 2 and "role" in run.stderr and "bad.json" in run.stderr
+    path.write_text("[{")
+    run = coe("route", "--messages", str(path))
+    assert run.returncode == 2 and "not JSON" in run.stderr
+    run = coe("route", "--messages", str(path), "and a prompt")
+    assert run.returncode == 2 and "not both" in run.stderr
+
+
+def test_finetune_refuses_the_torch_backend(tmp_path: Path) -> None:
+    run = coe(
+        "router", "fit", str(ROOT / "routers/default/data"), "--finetune", "--backend", "torch",
+        "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert run.returncode == 2 and "onnx-int8" in run.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_router_eval_on_mt_bench(tmp_path: Path) -> None:

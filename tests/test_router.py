@@ -15,7 +15,7 @@ from coe.engines.base import Message
 from coe.paths import evaldata_dir
 from coe.router.artifact import RouterArtifactError, load_artifact
 from coe.router.data import LabelledPrompt, data_hash, read_labelled, split_heldout
-from coe.router.embed import EmbedderSettings, load_embedder
+from coe.router.embed import EmbedderError, EmbedderSettings, load_embedder
 from coe.router.evaluate import evaluate, plot_confusion
 from coe.router.router import TwoStageRouter
 from coe.router.train import choose_threshold, fit_router
@@ -197,6 +197,12 @@ def test_router_with_categories_missing_from_experts_yaml_is_refused(tmp_path, e
     artifact = load_artifact(SHIPPED)
     with pytest.raises(RouterArtifactError, match=r"lacks: .*roleplay"):
         TwoStageRouter(artifact, embedder, pool_for(["writing", "coding"], tmp_path))
+
+
+def test_the_shipped_encoder_cannot_be_run_on_torch() -> None:
+    settings = load_artifact(SHIPPED).embedder_settings(backend="torch")
+    with pytest.raises(EmbedderError, match="onnx-int8"):
+        load_embedder(settings)
 
 
 def test_router_weights_hold_no_pickled_objects(tmp_path: Path) -> None:

@@ -64,3 +64,22 @@ def test_the_heldout_split_is_stable_and_near_its_fraction() -> None:
     train, test = split_heldout([LabelledPrompt(p, "math") for p in prompts], 0.15)
     assert [r.prompt for r in test] == held
     assert len(train) == len(prompts) - len(held)
+
+
+def test_a_heldout_split_without_a_category_is_refused_before_training(tmp_path: Path) -> None:
+    from coe.router.finetune import FinetuneSettings
+    from coe.router.train import fit_finetuned_router
+
+    rows = [LabelledPrompt(f"math prompt {i}", "math") for i in range(40)]
+    rows.append(LabelledPrompt("the only writing prompt", "writing"))
+    with pytest.raises(ValueError, match="held-out split has no prompts of writing"):
+        fit_finetuned_router(
+            rows,
+            tmp_path / "r",
+            model="sentence-transformers/all-MiniLM-L6-v2",
+            max_seq_length=64,
+            tail_tokens=16,
+            heldout_fraction=0.01,
+            settings=FinetuneSettings(),
+        )
+    assert not (tmp_path / "r").exists()

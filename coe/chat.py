@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from coe.engines.base import EngineError, Message
-from coe.orchestrator import Orchestrator, RouteDecision, UnknownExpertError
+from coe.engines.base import EngineError
+from coe.orchestrator import Orchestrator, UnknownExpertError
 from coe.paths import coe_home
 from coe.runtime import BackgroundLoop
+from coe.types import Message, RouteDecision
 
 HELP = """Commands:
   /expert NAME   send every prompt to expert NAME (skips routing)

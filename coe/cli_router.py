@@ -51,7 +51,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         ctx: Any, prompt: str | None, as_json: bool, router_path: Path | None, messages_file: Any
     ) -> None:
         """Show where PROMPT (or a conversation) would go: category, confidence, expert."""
-        from coe.engines.base import Message
+        from coe.types import Message
 
         if messages_file is not None:
             if prompt is not None:
@@ -379,7 +379,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
 
 def _read_messages(handle: Any) -> list[Any]:
     """A conversation from JSON: [{"role": "user", "content": "..."}, ...]; a clear error else."""
-    from coe.engines.base import Message
+    from coe.types import Message
 
     where = getattr(handle, "name", "--messages")
     try:

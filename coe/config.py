@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coe.errors import ConfigurationError
 from coe.paths import models_dir
 
 DEFAULT_CONFIG_ENV = "COE_CONFIG"
@@ -28,7 +29,7 @@ StrategyName = Literal["none", "expert_prompting", "mixture_of_prompts"]
 EngineKind = Literal["vllm", "remote"]
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigurationError):
     """experts.yaml is unreadable or invalid. ``problems`` holds one line per problem."""
 
     def __init__(self, path: Path | str, problems: list[str]):

@@ -12,27 +12,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coe.config import Expert, PoolConfig
-from coe.engines.base import (
-    Chunk,
-    EngineError,
-    Message,
-    Prompt,
-    SamplingParams,
-    Usage,
-    collect,
-)
+from coe.engines.base import EngineError
 from coe.engines.pool import EnginePool
+from coe.errors import BadRequestError
 from coe.prompts.identity import IdentityWriter
 from coe.prompts.strategies import NONE as NO_SHAPING
 from coe.prompts.strategies import Shaping, Strategies
-from coe.router.base import Embedder, RouteDecision, Router
+from coe.router.base import Embedder, Router
 from coe.router.embed import RecentEmbeddings
 from coe.store import MemoryStore, Store
+from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage, collect
 
 __all__ = ["ChatResult", "Orchestrator", "RouteDecision", "UnknownExpertError", "to_messages"]
 
 
-class UnknownExpertError(KeyError):
+class UnknownExpertError(BadRequestError, KeyError):
+    http_status = 404
+
     def __init__(self, name: str, known: list[str]):
         self.name = name
         self.known = known

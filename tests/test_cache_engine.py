@@ -15,11 +15,12 @@ from prometheus_client import REGISTRY
 
 from coe.cache.tiers import Tier
 from coe.config import PoolConfig, parse_config
-from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
+from coe.engines.base import EngineError
 from coe.engines.pool import EnginePool
 from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
 from coe.models.variants import prepared_variant
 from coe.runtime import BackgroundLoop
+from coe.types import Message, Prompt, SamplingParams, collect
 
 pytestmark = pytest.mark.engine
 

@@ -16,7 +16,8 @@ from coe.cache.group import SlotGroup, Unit, new_record
 from coe.cache.residency import ResidencyManager
 from coe.cache.slot import Slot
 from coe.config import VllmOptions
-from coe.engines.base import Chunk, EngineError, Message, Prompt, SamplingParams, Usage, collect
+from coe.engines.base import EngineError
+from coe.types import Chunk, Message, Prompt, SamplingParams, Usage, collect
 
 MB = 1 << 20
 DISK = 100 * MB

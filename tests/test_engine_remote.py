@@ -12,11 +12,12 @@ import openai
 import pytest
 
 from coe.config import RemoteOptions, parse_config
-from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
+from coe.engines.base import EngineError
 from coe.engines.remote import RemoteEngine
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
+from coe.types import Message, Prompt, SamplingParams, collect
 
 from .conftest import free_port, wait_for_health
 

@@ -10,11 +10,12 @@ import psutil
 import pytest
 
 from coe.config import Category, ExpertPromptingSettings, PoolConfig
-from coe.engines.base import EngineError, Message, Prompt, SamplingParams, collect
+from coe.engines.base import EngineError
 from coe.engines.vllm_local import PromptTooLongError, VllmLocalEngine
 from coe.orchestrator import Orchestrator, UnknownExpertError
 from coe.prompts.identity import IdentityWriter
 from coe.store import MemoryStore
+from coe.types import Message, Prompt, SamplingParams, collect
 
 pytestmark = pytest.mark.engine
 

@@ -43,8 +43,8 @@ from coe.evals.run import (
 )
 from coe.evals.systems import Answerer, System, Turn
 from coe.paths import evaldata_dir
-from coe.router.base import RouteDecision
 from coe.router.mapping import load_scores
+from coe.types import RouteDecision
 
 from .conftest import coe
 

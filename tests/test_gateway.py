@@ -15,13 +15,13 @@ import openai
 import pytest
 
 from coe.config import PoolConfig, parse_config
-from coe.engines.base import Chunk, EngineError, Message, Prompt, SamplingParams, Usage
+from coe.engines.base import EngineError
 from coe.engines.pool import EnginePool
 from coe.gateway.auth import hash_key
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
-from coe.router.base import RouteDecision
 from coe.runtime import BackgroundLoop
+from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage
 
 from .conftest import RedisProcess
 

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from coe.config import Expert, PoolConfig, parse_config
-from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams, Usage
+from coe.engines.base import EngineError
 from coe.engines.pool import EnginePool
 from coe.orchestrator import Orchestrator
+from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 from .conftest import pool_dict
 
@@ -126,7 +127,7 @@ class PickWriting:
         self.seen: list[list] = []
 
     def route(self, messages):
-        from coe.router.base import RouteDecision
+        from coe.types import RouteDecision
 
         self.seen.append(list(messages))
         return RouteDecision("chatty", "writing", 0.9, False, "test router")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from coe.config import Category, ExpertPromptingSettings, parse_config
-from coe.engines.base import Message, Prompt
 from coe.orchestrator import Orchestrator
 from coe.prompts.identity import IdentityWriter, clean_identity, writer_prompt
 from coe.prompts.mixture import (
@@ -27,6 +26,7 @@ from coe.prompts.mixture import (
 from coe.prompts.render import fold_system, render_text
 from coe.prompts.strategies import Shaping
 from coe.store import MemoryStore
+from coe.types import Message, Prompt
 
 from .conftest import coe
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coe.engines.base import Message, Prompt
 from coe.prompts.render import render_qa, render_text, render_token_ids
+from coe.types import Message, Prompt
 
 
 @pytest.fixture(scope="module")

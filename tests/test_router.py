@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from coe.config import PROJECT_CONFIG, load_config, parse_config
-from coe.engines.base import Message
 from coe.paths import evaldata_dir
 from coe.router.artifact import RouterArtifactError, load_artifact
 from coe.router.data import LabelledPrompt, data_hash, read_labelled, split_heldout
@@ -19,6 +18,7 @@ from coe.router.embed import EmbedderError, EmbedderSettings, load_embedder
 from coe.router.evaluate import evaluate, plot_confusion
 from coe.router.router import TwoStageRouter
 from coe.router.train import choose_threshold, fit_router
+from coe.types import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "routers" / "default"

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from coe.config import PoolConfig
-from coe.engines.base import Message, Prompt, SamplingParams, collect
 from coe.engines.pool import engine_key
 from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
+from coe.types import Message, Prompt, SamplingParams, collect
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",

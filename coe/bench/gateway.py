@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 
 from coe.bench.report import percentile_ms, print_table
-from coe.engines.base import Message, collect
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
+from coe.types import Message, collect
 
 PROMPT = "Name the largest planet in the solar system."
 CONCURRENCY = 16

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from coe.config import parse_config
-from coe.engines.base import Message, Prompt, SamplingParams, collect
 from coe.engines.pool import EnginePool
+from coe.types import Message, Prompt, SamplingParams, collect
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",

@@ -16,10 +16,10 @@ from typing import Any
 
 from coe.bench.report import percentile_ms, print_table
 from coe.config import PoolConfig
-from coe.engines.base import Message
 from coe.orchestrator import Orchestrator
 from coe.prompts.mixture import Demo, fit_mixture
 from coe.runtime import BackgroundLoop
+from coe.types import Message
 
 TARGET_MS = 2.0
 MIXTURE_CATEGORY = "math"

@@ -25,7 +25,8 @@ from coe.cache.scheduler import Policy, Scheduler
 from coe.cache.signature import SignatureError, architecture_signature
 from coe.cache.slot import Slot
 from coe.cache.tiers import ExpertResidency, Tier
-from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams
+from coe.engines.base import EngineError
+from coe.types import Chunk, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 POLL_S = 0.02

@@ -13,11 +13,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from coe.errors import ConfigurationError
+
 # Config keys that do not change the engine's layout.
 _BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
 
 
-class SignatureError(ValueError):
+class SignatureError(ConfigurationError, ValueError):
     """A checkpoint folder cannot be read well enough to know its architecture."""
 
 

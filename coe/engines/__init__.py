@@ -1,23 +1,5 @@
 """Expert backends: the Engine protocol, in-process vLLM, and remote OpenAI-compatible servers."""
 
-from coe.engines.base import (
-    Chunk,
-    Completion,
-    Engine,
-    EngineError,
-    Message,
-    Prompt,
-    SamplingParams,
-    Usage,
-)
+from coe.engines.base import Engine, EngineError
 
-__all__ = [
-    "Chunk",
-    "Completion",
-    "Engine",
-    "EngineError",
-    "Message",
-    "Prompt",
-    "SamplingParams",
-    "Usage",
-]
+__all__ = ["Engine", "EngineError"]

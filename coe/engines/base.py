@@ -8,72 +8,13 @@ parameters, and stream text deltas. Each stream ends with exactly one chunk that
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-Role = Literal["system", "user", "assistant"]
-PromptFormat = Literal["chat", "qa"]
-
-
-@dataclass(frozen=True)
-class Message:
-    role: Role
-    content: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+from coe.errors import UnavailableError
+from coe.types import Chunk, Prompt, SamplingParams
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """What the expert sees: the final messages and how they are turned into model input.
-
-    ``chat`` uses the model's own chat template (from its tokenizer, or the remote server's);
-    ``qa`` renders a plain "Question:/Answer:" transcript for base models that were never
-    instruction-tuned and follow a chat template poorly.
-    """
-
-    messages: tuple[Message, ...]
-    format: PromptFormat = "chat"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 256
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    # Keep generating past end-of-sequence: benchmarks use it to decode a fixed token count.
-    ignore_eos: bool = False
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Chunk:
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str | None
-    usage: Usage = field(default_factory=Usage)
-
-
-class EngineError(RuntimeError):
+class EngineError(UnavailableError):
     """The engine could not serve a request (it died, failed to start, or the server refused).
 
     ``retryable`` says whether the same request may succeed on a restarted engine;
@@ -111,17 +52,3 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
-
-
-async def collect(stream: AsyncIterator[Chunk]) -> Completion:
-    """Drain a chunk stream into one Completion."""
-    parts: list[str] = []
-    finish: str | None = None
-    usage = Usage()
-    async for chunk in stream:
-        parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            finish = chunk.finish_reason
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return Completion(text="".join(parts), finish_reason=finish, usage=usage)

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coe.config import RemoteOptions
-from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams, Usage
+from coe.engines.base import EngineError
 from coe.prompts.render import format_stops, render_qa
+from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 
 def _litellm() -> Any:

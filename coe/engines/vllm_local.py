@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from coe.config import VllmOptions
-from coe.engines.base import Chunk, EngineError, Prompt, SamplingParams, Usage
+from coe.engines.base import EngineError
+from coe.errors import BadRequestError
 from coe.prompts.render import format_stops, render_token_ids
+from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(BadRequestError):
     """The prompt leaves no room to generate within the expert's max_model_len."""
 
 

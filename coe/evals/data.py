@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from coe import jsonl
+from coe.errors import ConfigurationError
 from coe.paths import evaldata_dir
 from coe.router.data import arena_hard_category
 
@@ -40,7 +41,7 @@ HOW_TO_GET = (
 )
 
 
-class EvalDataError(ValueError):
+class EvalDataError(ConfigurationError, ValueError):
     pass
 
 

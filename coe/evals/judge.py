@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from coe.errors import UnavailableError
 from coe.paths import coe_home
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ PROMPT = "prompt"  # this prompt cannot be judged: recorded as FastChat records 
 SETUP = "setup"  # the judge is misconfigured (key, model name, parameters): stop the run
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UnavailableError):
     def __init__(self, message: str, kind: str):
         super().__init__(message)
         self.kind = kind

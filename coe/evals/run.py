@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coe.errors import BadRequestError
 from coe.evals import arena_hard, mt_bench
 from coe.evals.data import ArenaHardData, ArenaQuestion, MTBenchData, MTQuestion
 from coe.evals.judge import SETUP, Judge, JudgeError
@@ -33,7 +34,7 @@ MT_BENCH = "mt-bench"
 ANSWERS, JUDGMENTS, META = "answers.jsonl", "judgments.jsonl", "run.json"
 
 
-class RunError(ValueError):
+class RunError(BadRequestError):
     pass
 
 

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from coe.config import PoolConfig
+from coe.errors import BadRequestError
 from coe.orchestrator import Orchestrator, to_messages
-from coe.router.base import RouteDecision
+from coe.types import RouteDecision
 
 AUTO, RANDOM, ORACLE = "auto", "random", "oracle"
 BASELINES = (AUTO, RANDOM, ORACLE)
 ERROR_ANSWER = "$ERROR$"  # what FastChat and Arena-Hard write for an answer that failed
 
 
-class SystemSpecError(ValueError):
+class SystemSpecError(BadRequestError):
     pass
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from coe.engines.base import Message
+from coe.types import Message
 
 INT64_MAX = 2**63 - 1
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coe.config import GatewaySettings
-from coe.engines.base import Chunk, EngineError, Message, Usage
+from coe.engines.base import EngineError
 from coe.engines.vllm_local import PromptTooLongError
 from coe.gateway import metrics
 from coe.gateway.auth import Client
@@ -37,8 +37,8 @@ from coe.gateway.schema import (
 )
 from coe.orchestrator import Orchestrator, with_shaping
 from coe.prompts.mixture import MixtureError
-from coe.router.base import RouteDecision
 from coe.store import Store
+from coe.types import Chunk, Message, RouteDecision, Usage
 
 log = logging.getLogger(__name__)
 

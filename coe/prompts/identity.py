@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from coe.config import Category, ExpertPromptingSettings
-from coe.engines.base import Message
 from coe.store import Store
+from coe.types import Message
 
 log = logging.getLogger(__name__)
 

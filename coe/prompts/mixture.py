@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from coe.errors import ConfigurationError
 from coe.router.base import Embedder
 
 FORMAT = "coe-mixture-of-prompts/1"
@@ -34,7 +35,7 @@ REGION_PENALTY = 1.0
 MAX_REGIONS = 8
 
 
-class MixtureError(ValueError):
+class MixtureError(ConfigurationError, ValueError):
     """Demos, candidates or an artifact that cannot make a mixture."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coe.engines.base import Message, Prompt
+from coe.types import Message, Prompt
 
 QA_STOPS = ("\nQuestion:",)
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coe.config import Category, PoolConfig
-from coe.engines.base import Message
 from coe.prompts.identity import IdentityWriter, static_identity
 from coe.prompts.mixture import Demo, MixtureError, MixtureOfPrompts, load_mixture
 from coe.router.base import Embedder
+from coe.types import Message
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from coe import __version__
+from coe.errors import ConfigurationError
 from coe.router.classifier import CategoryClassifier
 from coe.router.embed import EmbedderSettings
 from coe.router.followup import FollowupDetector
@@ -25,7 +26,7 @@ META_FILE = "router.json"
 WEIGHTS_FILE = "weights.npz"
 
 
-class RouterArtifactError(ValueError):
+class RouterArtifactError(ConfigurationError, ValueError):
     pass
 
 

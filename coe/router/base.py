@@ -3,38 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from coe.engines.base import Message
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    expert: str
-    category: str | None
-    confidence: float | None
-    fell_back: bool
-    reason: str
-    latency_s: float = 0.0
-    # The runner-up categories with their probabilities, best first (the winner not included).
-    alternatives: tuple[tuple[str, float], ...] = ()
-    # The category's prompt strategy as applied (coe.prompts.strategies): its name, the
-    # mixture-of-prompts region, the expert identity and where that came from.
-    strategy: str = "none"
-    region: int | None = None
-    identity: str | None = None
-    identity_source: str | None = None
-    # The latest user turn continues an earlier task ("now make it shorter") and was routed
-    # with it; False for a one-turn conversation or a turn that starts a new task.
-    continues: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["alternatives"] = [{"category": c, "probability": p} for c, p in self.alternatives]
-        return out
+from coe.types import Message, RouteDecision
 
 
 class Router(Protocol):

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from coe.errors import BadRequestError
 from coe.jsonl import read_jsonl
 from coe.router.sheets import SheetError, read_sheet, read_sheets
 
@@ -27,7 +28,7 @@ def arena_hard_category(subcategory: str) -> str:
     return ARENA_HARD_CATEGORY.get(subcategory, subcategory)
 
 
-class DataError(ValueError):
+class DataError(BadRequestError):
     pass
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from coe.errors import ConfigurationError
 from coe.router.base import Embedder
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -32,7 +33,7 @@ SHIPPED_GRAPH = "model.int8.onnx"
 Backend = Literal["onnx-int8", "torch"]
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(ConfigurationError, RuntimeError):
     pass
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from coe.errors import BadRequestError
 
-class MappingError(ValueError):
+
+class MappingError(BadRequestError):
     pass
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from coe.config import PoolConfig
-from coe.engines.base import Message
 from coe.router.artifact import RouterArtifact, RouterArtifactError, load_artifact
-from coe.router.base import Embedder, RouteDecision
+from coe.router.base import Embedder
 from coe.router.embed import load_embedder
+from coe.types import Message, RouteDecision
 
 ALTERNATIVES = 3
 # Turns looked at when walking back to a conversation's task (all embedded in one batch).

@@ -22,11 +22,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coe.errors import BadRequestError
+
 HEADER = re.compile(r"^<<<PROMPT((?:\s+\w+=[^\s>]*)*)\s*>>>\s*$")
 LONG_CHARS = (300, 3000)
 
 
-class SheetError(ValueError):
+class SheetError(BadRequestError):
     pass
 
 

@@ -89,8 +89,11 @@ def _needed_models(config: PoolConfig, experts: list[str]) -> list[str]:
     return [r for r in refs if r and r.startswith(PREPARED_PREFIX)]
 
 
-def _open_orchestrator(cfg: PoolConfig, experts: list[str]) -> tuple[Any, Any]:
-    """Prepare the models these experts need, start their engines; return (runner, orchestrator)."""
+def _open_orchestrator(
+    cfg: PoolConfig, experts: list[str], store_url: str | None = None
+) -> tuple[Any, Any]:
+    """Prepare the models these experts need, start their engines; return (runner, orchestrator).
+    ``store_url``: the gateway's Redis, for sessions and generated identities."""
     from coe.engines.base import EngineError
     from coe.models import ensure_models
     from coe.orchestrator import Orchestrator
@@ -108,7 +111,12 @@ def _open_orchestrator(cfg: PoolConfig, experts: list[str]) -> tuple[Any, Any]:
 
         router = load_router(cfg)
     runner = BackgroundLoop()
-    orch = Orchestrator(cfg, router=router)
+    store = None
+    if store_url is not None:
+        from coe.gateway.server import open_store_on_loop
+
+        store = runner.run(open_store_on_loop(store_url))
+    orch = Orchestrator(cfg, router=router, store=store)
     try:
         with _status("starting the expert engine (about a minute on a CPU)"):
             runner.run(orch.start(experts))
@@ -143,14 +151,14 @@ def _experts_to_start(cfg: PoolConfig, expert: str | None) -> list[str]:
     if expert is not None:
         chosen = [expert]
     elif cfg.router.path is None:
-        chosen = [cfg.category(cfg.router.fallback).expert]
+        chosen = [cfg.fallback_expert]
     else:
         chosen = [c.expert for c in cfg.categories]
     settings = cfg.strategies.expert_prompting
     if settings.mode == "generated" and any(
         c.strategy == "expert_prompting" for c in cfg.categories
     ):
-        chosen.append(settings.writer or cfg.category(cfg.router.fallback).expert)
+        chosen.append(cfg.identity_writer)
     return list(dict.fromkeys(chosen))
 
 
@@ -451,7 +459,7 @@ def bench_engine(ctx: Context, expert: str | None, tokens: int, batch: int, as_j
 
     cfg = ctx.config
     _check_expert(cfg, expert)
-    name = expert or cfg.category(cfg.router.fallback).expert
+    name = expert or cfg.fallback_expert
     ensure_models(_needed_models(cfg, [name]))
     runner = BackgroundLoop()
     try:

@@ -52,16 +52,11 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         from coe.gateway.server import GatewayServer, is_loopback
 
         cfg = ctx.config
-        runner, orch = cli._open_orchestrator(cfg, cfg.expert_names)
+        runner, orch = cli._open_orchestrator(
+            cfg, cfg.expert_names, store_url=redis_url or cfg.store.url
+        )
         try:
-            server = GatewayServer(
-                orch,
-                runner,
-                host=host,
-                port=port,
-                redis_url=redis_url or cfg.store.url,
-                log_level=log_level,
-            )
+            server = GatewayServer(orch, runner, host=host, port=port, log_level=log_level)
             if not server.keys.required and not is_loopback(host):
                 click.echo(
                     f"warning: serving on {host} without API keys: anyone who can reach it can "
@@ -127,12 +122,10 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         from coe.bench.gateway import run_gateway_bench
 
         cfg = ctx.config
-        expert = cfg.category(cfg.router.fallback).expert
-        runner, orch = cli._open_orchestrator(cfg, [expert])
+        expert = cfg.fallback_expert
+        runner, orch = cli._open_orchestrator(cfg, [expert], store_url=redis_url)
         try:
-            result = run_gateway_bench(
-                orch, runner, expert, requests, tokens, max_seconds, redis_url
-            )
+            result = run_gateway_bench(orch, runner, expert, requests, tokens, max_seconds)
         finally:
             cli._close(runner, orch)
         if as_json:

@@ -104,7 +104,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
         if cfg.router.path is None:
             raise click.UsageError("the benchmark needs a router: set router.path in experts.yaml")
         router = load_router(cfg)
-        fallback = cfg.category(cfg.router.fallback).expert
+        fallback = cfg.fallback_expert
         from coe.models import ensure_models
 
         ensure_models(cli._needed_models(cfg, [fallback]), report=lambda m: None)

@@ -242,6 +242,16 @@ class PoolConfig(_Strict):
     def category_names(self) -> list[str]:
         return [c.name for c in self.categories]
 
+    @property
+    def fallback_expert(self) -> str:
+        """The fallback category's expert: it answers whatever the router cannot place."""
+        return self.category(self.router.fallback).expert
+
+    @property
+    def identity_writer(self) -> str:
+        """The expert that writes generated identities: the one named, else the fallback's."""
+        return self.strategies.expert_prompting.writer or self.fallback_expert
+
     def resolve_path(self, ref: str) -> Path:
         """A path from the file, relative to experts.yaml unless absolute."""
         path = Path(os.path.expanduser(ref))

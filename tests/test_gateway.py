@@ -18,7 +18,7 @@ from coe.config import PoolConfig, parse_config
 from coe.engines.base import EngineError
 from coe.engines.pool import EnginePool
 from coe.gateway.auth import hash_key
-from coe.gateway.server import GatewayServer
+from coe.gateway.server import GatewayServer, open_store_on_loop
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
 from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage
@@ -172,8 +172,9 @@ def start_gateway(
 ) -> tuple[Running, BackgroundLoop]:
     runner = BackgroundLoop()
     engines = EnginePool(config, factory=lambda cfg, expert, name: EchoEngine(name))
-    orch = Orchestrator(config, engines, router=router or KeywordRouter())
-    server = GatewayServer(orch, runner, host="127.0.0.1", port=0, redis_url=redis_url)
+    store = runner.run(open_store_on_loop(redis_url))
+    orch = Orchestrator(config, engines, router=router or KeywordRouter(), store=store)
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
     server.start()
     return Running(server, orch), runner
 

@@ -143,3 +143,42 @@ async def test_the_router_decides_when_no_expert_is_named() -> None:
     assert engine.calls[0][0].messages[0].content == "Be brief."  # chatty's system prompt
     named = await orch.chat(USER, expert="qa")
     assert named.decision.expert == "qa" and len(router.seen) == 1
+
+
+async def test_decide_covers_every_model_name_and_sticky_sessions() -> None:
+    from coe.orchestrator import UnknownModelError
+    from coe.types import Message
+
+    orch, cfg = make(ScriptedEngine())
+    msgs = [Message("user", "hello")]
+    decision, how = await orch.decide("auto", msgs)
+    assert (decision.expert, how) == (cfg.fallback_expert, "fallback") and decision.fell_back
+    decision, how = await orch.decide("auto:writing", msgs)
+    assert (decision.expert, decision.category, how) == ("chatty", "writing", "category")
+    decision, how = await orch.decide("qa", msgs)
+    assert (decision.expert, decision.category, how) == ("qa", None, "caller")
+    with pytest.raises(UnknownModelError, match="auto:writing"):
+        await orch.decide("auto:nowhere", msgs)
+    # A conversation answered once stays with its expert, by session id or by its history.
+    await orch.remember(msgs, decision, ["hi"], session="s1")
+    decision, how = await orch.decide("auto", [Message("user", "again")], "s1")
+    assert (decision.expert, how) == ("qa", "session")
+    later = [*msgs, Message("assistant", "hi"), Message("user", "more")]
+    decision, how = await orch.decide("auto", later)
+    assert (decision.expert, how) == ("qa", "session")
+
+
+async def test_the_expert_is_prefetched_before_its_prompt_is_shaped() -> None:
+    from coe.prompts.strategies import NONE
+
+    orch, _ = make(ScriptedEngine())
+    order: list[str] = []
+
+    async def shape(category, messages):  # type: ignore[no-untyped-def]
+        order.append("shape")
+        return NONE
+
+    orch.engines.prefetch = lambda name: order.append(f"prefetch {name}")  # type: ignore[attr-defined]
+    orch.strategies.shape = shape  # type: ignore[method-assign]
+    await orch.chat(USER, expert="qa")
+    assert order == ["prefetch qa", "shape"]

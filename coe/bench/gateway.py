@@ -84,9 +84,9 @@ def run_gateway_bench(
     requests: int,
     tokens: int,
     max_seconds: float,
-    redis_url: str | None = None,
 ) -> GatewayBench:
-    server = GatewayServer(orch, runner, host="127.0.0.1", port=0, redis_url=redis_url)
+    """Through a gateway on ``orch`` (and its store: open it on Redis to measure with one)."""
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
     server.start()
     try:
         return _measure(orch, runner, server, expert, requests, tokens, max_seconds)

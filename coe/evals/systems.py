@@ -105,29 +105,24 @@ class Answerer:
     def _first_decision(
         self, messages: list[dict[str, str]], key: str, category: str
     ) -> RouteDecision:
-        config = self.orch.config
+        """The system's pick for a conversation's first turn; the orchestrator decides."""
         name = self.system.name
         if name == AUTO:
             return self.orch.route(to_messages(messages))
         if name == RANDOM:
             seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-            return self.orch.route([], expert=random.Random(seed).choice(config.expert_names))
+            return self.orch.pick(random.Random(seed).choice(self.orch.config.expert_names))
         if name == ORACLE:
             expert = self.system.oracle_map.get(category)
             if expert is None:
                 raise SystemSpecError(
                     f"oracle: the scores file has no score for category {category!r}"
                 )
-            known = category in {c.name for c in config.categories}
-            return RouteDecision(
-                expert=expert,
-                category=category if known else None,
-                confidence=None,
-                fell_back=False,
-                reason=f"oracle: best expert on {category}",
-                latency_s=0.0,
+            # The category's prompt strategy applies, as it would have for a routed turn.
+            return self.orch.pick(
+                expert, category=category, reason=f"oracle: best expert on {category}"
             )
-        return self.orch.route([], expert=name)
+        return self.orch.pick(name)
 
     async def answer(
         self,

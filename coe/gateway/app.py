@@ -1,5 +1,6 @@
 """The FastAPI app: OpenAI-compatible endpoints over one ChatService. Handlers stay thin; the
-work is in service.py, the shapes in schema.py, the failures in errors.py.
+work is in service.py (the response cache in response_cache.py, streaming in sse.py), the
+shapes in schema.py, the failures in errors.py.
 
 No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at
 runtime, and the dependencies they name are local to create_app.
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from coe import __version__
 from coe.gateway import errors, metrics
 from coe.gateway.auth import Client, KeyRing
+from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
 from coe.gateway.errors import invalid, rate_limited, too_large, unauthorized
 from coe.gateway.schema import (
     ChatCompletion,
@@ -31,8 +33,7 @@ from coe.gateway.schema import (
     RouteResponse,
     StoreHealth,
 )
-from coe.gateway.service import CACHE_CONTROL_HEADER, SESSION_HEADER, Call, ChatService
-from coe.orchestrator import with_shaping
+from coe.gateway.service import ChatService
 
 T = TypeVar("T")
 
@@ -132,11 +133,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         body: RouteRequest, found: Annotated[Client, Depends(limited)]
     ) -> RouteResponse:
         """Where a conversation would go, without generating."""
-        messages = [m.to_message() for m in body.messages]
-        decision, _ = await service.decide(body.model, messages)
-        describe = service.orch.strategies.describe
-        shaping = await asyncio.to_thread(describe, decision.category, messages)
-        return RouteResponse.model_validate(with_shaping(decision, shaping).as_dict())
+        decision = await service.route(body.model, [m.to_message() for m in body.messages])
+        return RouteResponse.model_validate(decision.as_dict())
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:

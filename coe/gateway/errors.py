@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,7 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from coe.engines.base import EngineError
+from coe.engines.vllm_local import PromptTooLongError
+from coe.errors import BadRequestError, CoeError, UnavailableError
 from coe.gateway.schema import ErrorBody, ErrorResponse
+from coe.orchestrator import UnknownModelError
+from coe.prompts.mixture import MixtureError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,43 @@ def too_large(limit: int) -> APIError:
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="service_unavailable_error", code="expert_unavailable")
+
+
+def from_exception(exc: BaseException, expert: str) -> APIError:
+    """What the client is told when serving a request for ``expert`` failed."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnknownModelError):
+        return model_not_found(exc.model, exc.known)
+    if isinstance(exc, MixtureError):  # the server's own files: not the client's doing
+        log.error("prompt regions for expert %s could not be used: %s", expert, exc)
+        return APIError(
+            500, "the category's prompt strategy could not be loaded", type="server_error"
+        )
+    if isinstance(exc, PromptTooLongError):
+        return invalid(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, EngineError) and exc.invalid_request:
+        # A remote expert's server refused this request (a 4xx).
+        return invalid(f"expert {expert} refused the request: {exc.reason}")
+    if isinstance(exc, UnavailableError):
+        # The details (engine names, internal addresses) go to the log, not to the client.
+        log.warning("expert %s failed a request: %s", expert, exc)
+        if getattr(exc, "retryable", False):
+            return unavailable(f"expert {expert} is restarting; retry the request shortly")
+        return unavailable(f"expert {expert} could not serve the request")
+    if isinstance(exc, (BadRequestError, ValueError)):
+        return invalid(str(exc))
+    log.error("unexpected error from expert %s", expert, exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+@contextlib.contextmanager
+def served_by(expert: str) -> Iterator[None]:
+    """Raise what fails while ``expert`` serves a request as the APIError the client gets."""
+    try:
+        yield
+    except (CoeError, ValueError) as exc:
+        raise from_exception(exc, expert) from exc
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

@@ -33,16 +33,26 @@ def is_loopback(host: str) -> bool:
 
 
 def build_service(
-    orchestrator: Orchestrator, store: Store, keys: KeyRing | None = None
+    orchestrator: Orchestrator, keys: KeyRing | None = None
 ) -> tuple[ChatService, KeyRing]:
     config: PoolConfig = orchestrator.config
     settings = config.gateway
     ring = keys or KeyRing.from_settings(settings.api_keys, settings.limits, env_keys())
-    return ChatService(orchestrator, store, settings), ring
+    return ChatService(orchestrator, settings), ring
+
+
+async def open_store_on_loop(url: str | None) -> Store:
+    """The gateway's store, for the orchestrator it serves. Run it on the serving loop: the
+    Redis client binds to the loop it is created on."""
+    store = open_store(url)
+    if url and not await store.ping():
+        log.warning("Redis at %s is not answering; serving degraded until it is", url)
+    return store
 
 
 class GatewayServer:
-    """uvicorn on a BackgroundLoop; ``start`` returns once the socket listens."""
+    """uvicorn on a BackgroundLoop; ``start`` returns once the socket listens. It serves with
+    the orchestrator's store (open it with ``open_store_on_loop``) and closes it on ``stop``."""
 
     def __init__(
         self,
@@ -51,15 +61,13 @@ class GatewayServer:
         *,
         host: str = "127.0.0.1",
         port: int = 8000,
-        redis_url: str | None = None,
         keys: KeyRing | None = None,
         log_level: str = "warning",
     ):
         self.runner = runner
         self.host = host
-        self.store = runner.run(_open_store_on_loop(redis_url))
-        orchestrator.use_store(self.store)  # generated expert identities are cached there too
-        self.service, self.keys = build_service(orchestrator, self.store, keys)
+        self.store = orchestrator.store
+        self.service, self.keys = build_service(orchestrator, keys)
         self.app = create_app(self.service, self.keys)
         config = uvicorn.Config(
             self.app,
@@ -111,11 +119,3 @@ class GatewayServer:
             log.warning("gateway stopped with %s", exc)
         self.runner.run(self.store.close())
         self._future = None
-
-
-async def _open_store_on_loop(url: str | None) -> Store:
-    # The Redis client binds to the loop it is created on: make it on the serving loop.
-    store = open_store(url)
-    if url and not await store.ping():
-        log.warning("Redis at %s is not answering; serving degraded until it is", url)
-    return store

@@ -1,0 +1,36 @@
+"""The orchestrator: every routing decision, sticky sessions, prompt shaping and generation.
+
+- orchestrator.py: the Orchestrator (decide, prepare, stream, chat);
+- decisions.py: the decisions no router makes (caller's expert or category, fallback, session);
+- sessions.py: a conversation's expert across turns, kept in the store;
+- prompting.py: the final prompt and sampling an expert gets.
+"""
+
+from coe.orchestrator.decisions import (
+    AUTO,
+    CATEGORY_PREFIX,
+    How,
+    UnknownExpertError,
+    UnknownModelError,
+    model_names,
+    named_expert,
+)
+from coe.orchestrator.orchestrator import ChatResult, Orchestrator, Plan
+from coe.orchestrator.prompting import to_messages, with_shaping
+from coe.types import RouteDecision
+
+__all__ = [
+    "AUTO",
+    "CATEGORY_PREFIX",
+    "ChatResult",
+    "How",
+    "Orchestrator",
+    "Plan",
+    "RouteDecision",
+    "UnknownExpertError",
+    "UnknownModelError",
+    "model_names",
+    "named_expert",
+    "to_messages",
+    "with_shaping",
+]

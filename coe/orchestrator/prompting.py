@@ -1,0 +1,76 @@
+"""From a conversation and its shaping to what the expert reads: the final prompt and the
+sampling parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from coe.config import Expert
+from coe.prompts.strategies import NONE as NO_SHAPING
+from coe.prompts.strategies import Shaping
+from coe.types import Message, Prompt, RouteDecision, SamplingParams
+
+
+def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
+    out = []
+    for m in raw:
+        if isinstance(m, Message):
+            out.append(m)
+        else:
+            out.append(Message(role=m["role"], content=str(m["content"])))
+    return out
+
+
+def with_shaping(decision: RouteDecision, shaping: Shaping) -> RouteDecision:
+    """The decision with the prompt strategy it was given, as reported to the caller."""
+    return replace(
+        decision,
+        strategy=shaping.strategy,
+        region=shaping.region,
+        identity=shaping.identity,
+        identity_source=shaping.identity_source,
+    )
+
+
+def build_prompt(
+    expert: Expert,
+    messages: list[Message],
+    system: str | None = None,
+    shaping: Shaping = NO_SHAPING,
+) -> Prompt:
+    """System text, then the strategy's demos, then the conversation.
+
+    The caller's ``system`` (or the conversation's own system messages) replaces the
+    expert's system prompt; otherwise the strategy's text (an identity, a region's
+    instruction) comes first and the expert's system prompt after it.
+    """
+    turns = [m for m in messages if m.role != "system"]
+    given = "\n\n".join(m.content for m in messages if m.role == "system")
+    if system is not None or given:
+        system_text: str | None = system if system is not None else given
+    else:
+        parts = [shaping.system, expert.system_prompt]
+        system_text = "\n\n".join(p for p in parts if p) or None
+    demos = []
+    for demo in shaping.demos:
+        demos += [Message("user", demo.input), Message("assistant", demo.output)]
+    final = ([Message("system", system_text)] if system_text else []) + demos + turns
+    return Prompt(messages=tuple(final), format=expert.prompt_format)
+
+
+def sampling_for(expert: Expert, **overrides: Any) -> SamplingParams:
+    """The expert's sampling, with the caller's overrides (None means "the expert's")."""
+    base = expert.sampling
+    params = SamplingParams(
+        temperature=base.temperature,
+        top_p=base.top_p,
+        max_tokens=base.max_tokens,
+        repetition_penalty=base.repetition_penalty,
+        seed=base.seed,
+    )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "stop" in given:
+        given["stop"] = tuple(given["stop"])
+    return replace(params, **given)

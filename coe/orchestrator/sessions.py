@@ -1,0 +1,72 @@
+"""Sticky sessions: a conversation's later turns go to the expert that answered the earlier ones.
+
+A conversation is found two ways: by the session id the caller sends, and by the conversation
+so far (its hash, stored with every answer appended), so a client that resends the whole
+history needs no id. Both live in the store for ``ttl_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+from coe.orchestrator.decisions import continued
+from coe.store import Store
+from coe.types import Message, RouteDecision
+
+
+def conversation_hash(messages: Sequence[Message]) -> str:
+    blob = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _session_key(session: str) -> str:
+    return "session:id:" + hashlib.sha256(session.encode()).hexdigest()
+
+
+def _conversation_key(messages: Sequence[Message]) -> str:
+    return "session:conversation:" + conversation_hash(messages)
+
+
+class Sessions:
+    def __init__(self, store: Store, experts: Iterable[str], ttl_s: int):
+        self.store = store
+        self.experts = set(experts)
+        self.ttl_s = ttl_s
+
+    async def lookup(
+        self, messages: Sequence[Message], session: str | None
+    ) -> RouteDecision | None:
+        """The expert that answered this conversation before, if it is still in the pool."""
+        keys = []
+        if session:
+            keys.append(_session_key(session))
+        last_user = max(i for i, m in enumerate(messages) if m.role == "user")
+        earlier = messages[:last_user]
+        if earlier and earlier[-1].role == "assistant":
+            keys.append(_conversation_key(earlier))
+        for key in keys:
+            raw = await self.store.get(key)
+            if raw is None:
+                continue
+            seen = json.loads(raw)
+            if seen["expert"] not in self.experts:
+                continue  # the pool changed since; route afresh
+            return continued(seen["expert"], seen["category"])
+        return None
+
+    async def remember(
+        self,
+        messages: Sequence[Message],
+        decision: RouteDecision,
+        answers: Iterable[str],
+        session: str | None = None,
+    ) -> None:
+        """Store the expert for the conversation's next turn (each answer appended to it)."""
+        value = json.dumps({"expert": decision.expert, "category": decision.category}).encode()
+        for text in dict.fromkeys(answers):  # the client may go on from any choice
+            following = [*messages, Message("assistant", text)]
+            await self.store.set(_conversation_key(following), value, self.ttl_s)
+        if session:
+            await self.store.set(_session_key(session), value, self.ttl_s)

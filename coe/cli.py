@@ -243,8 +243,8 @@ async def _final_prompt(
     orch: Any, messages: list[dict[str, str]], expert: str | None, system: str | None
 ) -> str:
     """The exact text the chosen expert reads: its template, strategy and system prompt."""
+    from coe.engines.render import render_qa, render_text
     from coe.orchestrator import to_messages
-    from coe.prompts.render import render_qa, render_text
 
     # The same call a request makes (the identity it writes is cached for the answer itself);
     # its token stream is dropped before it starts, so nothing is generated here.

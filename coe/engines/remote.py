@@ -11,7 +11,7 @@ from typing import Any
 
 from coe.config import RemoteOptions
 from coe.engines.base import EngineError
-from coe.prompts.render import format_stops, render_qa
+from coe.engines.render import format_stops, render_qa
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 

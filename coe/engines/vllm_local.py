@@ -23,8 +23,8 @@ from typing import Any
 
 from coe.config import VllmOptions
 from coe.engines.base import EngineError
+from coe.engines.render import format_stops, render_token_ids
 from coe.errors import BadRequestError
-from coe.prompts.render import format_stops, render_token_ids
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 log = logging.getLogger(__name__)

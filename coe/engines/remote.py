@@ -15,7 +15,7 @@ from coe.engines.render import format_stops, render_qa
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 
-def _litellm() -> Any:
+def load_litellm() -> Any:
     # litellm fetches a price map from the internet at import unless told to use its local copy.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
@@ -47,13 +47,13 @@ class RemoteEngine:
 
     async def start(self) -> None:
         # Nothing to start: the server is someone else's. The first request tells if it is up.
-        _litellm()
+        load_litellm()
         self._ready = True
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Chunk]:
-        litellm = _litellm()
+        litellm = load_litellm()
         # "openai/" tells litellm to speak the plain OpenAI protocol to base_url.
         common: dict[str, Any] = {
             "model": f"openai/{self.options.model}",

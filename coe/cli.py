@@ -323,6 +323,7 @@ def experts(ctx: Context, as_json: bool) -> None:
     """
     from coe.cache.plan import planned_residency
     from coe.cache.status import read_live
+    from coe.engines.registry import engine_kind
 
     cfg = ctx.config
     placement = planned_residency(cfg)
@@ -343,7 +344,7 @@ def experts(ctx: Context, as_json: bool) -> None:
             {
                 "name": e.name,
                 "engine": e.engine,
-                "model": e.model if e.engine == "vllm" else (e.remote.base_url if e.remote else ""),
+                "model": engine_kind(e.engine).backend(e),
                 "format": e.prompt_format,
                 "params": e.params,
                 "bytes": where.get("bytes", e.bytes),

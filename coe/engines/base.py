@@ -103,6 +103,11 @@ class EngineKind(Protocol):
         ...
 
     @classmethod
+    def backend(cls, expert: ExpertView) -> str:
+        """Where the expert runs, for listings (`coe experts`): a model reference, a URL."""
+        ...
+
+    @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> Hashable:
         """What decides which engine the expert needs: experts with equal keys share one."""
         ...

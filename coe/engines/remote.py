@@ -171,6 +171,11 @@ class RemoteKind:
         return []
 
     @classmethod
+    def backend(cls, expert: ExpertView) -> str:
+        assert isinstance(expert, RemoteExpertFields)
+        return expert.remote.base_url if expert.remote is not None else ""
+
+    @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> Hashable:
         assert isinstance(expert, RemoteExpertFields) and expert.remote is not None
         return ("remote", expert.remote.base_url, expert.remote.model)

@@ -310,6 +310,10 @@ class VllmKind:
         return []
 
     @classmethod
+    def backend(cls, expert: ExpertView) -> str:
+        return expert.model or ""
+
+    @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> VllmSpec:
         assert isinstance(expert, VllmExpertFields)
         return VllmSpec(

@@ -251,8 +251,8 @@ async def _final_prompt(
     orch: Any, messages: list[dict[str, str]], expert: str | None, system: str | None
 ) -> str:
     """The exact text the chosen expert reads: its template, strategy and system prompt."""
+    from coe.engines.render import render_qa, render_text
     from coe.orchestrator import to_messages
-    from coe.prompts.render import render_qa, render_text
 
     # The same call a request makes (the identity it writes is cached for the answer itself);
     # its token stream is dropped before it starts, so nothing is generated here.
@@ -331,6 +331,7 @@ def experts(ctx: Context, as_json: bool) -> None:
     """
     from coe.cache.plan import planned_residency
     from coe.cache.status import read_live
+    from coe.engines.registry import engine_kind
 
     cfg = ctx.config
     placement = planned_residency(cfg)
@@ -351,7 +352,7 @@ def experts(ctx: Context, as_json: bool) -> None:
             {
                 "name": e.name,
                 "engine": e.engine,
-                "model": e.model if e.engine == "vllm" else (e.remote.base_url if e.remote else ""),
+                "model": engine_kind(e.engine).backend(e),
                 "format": e.prompt_format,
                 "params": e.params,
                 "bytes": where.get("bytes", e.bytes),

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from coe.bench.report import print_table
-from coe.config import VllmOptions
+from coe.engines.vllm_local import VllmOptions
 
 
 def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:

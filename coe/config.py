@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model
 
+from coe.engines.base import EngineKind
+from coe.engines.registry import DEFAULT_ENGINE_KIND, ENGINE_KINDS
+from coe.engines.remote import RemoteOptions as RemoteOptions
+from coe.engines.vllm_local import VllmOptions as VllmOptions
 from coe.errors import ConfigurationError
 from coe.paths import models_dir
 
@@ -26,7 +30,6 @@ PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "experts.yaml"
 PREPARED_PREFIX = "coe:"
 
 StrategyName = Literal["none", "expert_prompting", "mixture_of_prompts"]
-EngineKind = Literal["vllm", "remote"]
 
 
 class ConfigError(ConfigurationError):
@@ -53,41 +56,16 @@ class Sampling(_Strict):
     seed: int | None = None
 
 
-class VllmOptions(_Strict):
-    """Engine arguments for an in-process vLLM engine.
-
-    Experts with the same model and equal options share one engine.
-    """
-
-    enforce_eager: bool = True
-    # On the CPU build this is a fraction of the NUMA node's RAM, not of accelerator memory.
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
-    # KV cache size on the CPU build (VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.
-    cpu_kv_cache_gib: int = Field(1, ge=1)
-    max_num_seqs: int = Field(16, ge=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    enable_sleep_mode: bool = False
-
-
-class RemoteOptions(_Strict):
-    """An expert behind any OpenAI-compatible server, called through litellm."""
-
-    base_url: str
-    # The model name the server knows the expert by.
-    model: str
-    # Name of the environment variable holding the API key (the key itself never goes in the file).
-    api_key_env: str | None = None
-    timeout_s: float = Field(120.0, gt=0.0)
-
-
 class Expert(_Strict):
+    """The keys every expert entry has. Each engine kind (coe.engines.registry) adds its own:
+    an entry is the ExpertEntry variant its `engine:` names (vllm when absent)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     description: str = ""
     # A path (absolute, or relative to experts.yaml), a Hugging Face repo id, or `coe:NAME` for a
-    # model built by `coe models prepare`. Unused for remote experts.
+    # model built by `coe models prepare`. Required by vllm, unused by remote experts.
     model: str | None = None
-    engine: EngineKind = "vllm"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    engine: str = DEFAULT_ENGINE_KIND
     max_model_len: int = Field(2048, ge=16)
     system_prompt: str | None = None
     # chat: the model's chat template. qa: a plain Question/Answer transcript, for base models.
@@ -95,8 +73,49 @@ class Expert(_Strict):
     sampling: Sampling = Sampling()
     params: int | None = Field(None, ge=1, description="parameter count")
     bytes: int | None = Field(None, ge=1, description="weight bytes at the serving dtype")
-    vllm: VllmOptions = VllmOptions()
-    remote: RemoteOptions | None = None
+
+
+def _entry_model(kind: type[EngineKind]) -> type[Expert]:
+    """The schema of an entry of this kind: the common keys, the kind's own, `engine: <name>`."""
+    model: type[Expert] = create_model(
+        f"{kind.name.capitalize()}Expert",
+        __base__=(kind.fields, Expert),
+        __module__=__name__,
+        engine=(Literal[kind.name], kind.name),
+    )
+    return model
+
+
+# The entry schema of each engine kind, by its `engine:` name.
+EXPERT_ENTRIES: dict[str, type[Expert]] = {
+    name: _entry_model(kind) for name, kind in ENGINE_KINDS.items()
+}
+_UNKNOWN_ENGINE = "unknown_engine"
+
+
+def _engine_of(entry: Any) -> str | None:
+    """Which variant validates an entry: its `engine:` (vllm when absent; not a mapping: vllm,
+    whose validation then says a mapping was expected)."""
+    engine = (
+        entry.get("engine", DEFAULT_ENGINE_KIND)
+        if isinstance(entry, dict)
+        else getattr(entry, "engine", DEFAULT_ENGINE_KIND)
+    )
+    # Anything but a registered name (a number, a list) is reported as an unknown engine.
+    return engine if isinstance(engine, str) else None
+
+
+_TAGGED_ENTRIES = tuple(Annotated[m, Tag(name)] for name, m in EXPERT_ENTRIES.items())
+# An expert entry of any kind. Union[...] rather than `|`: the members are only known at run time.
+ExpertEntry = Annotated[
+    Union[_TAGGED_ENTRIES],  # noqa: UP007
+    Discriminator(
+        _engine_of,
+        custom_error_type=_UNKNOWN_ENGINE,
+        custom_error_message="Input should be "
+        + " or ".join(f"'{name}'" for name in EXPERT_ENTRIES),
+    ),
+]
 
 
 class Category(_Strict):
@@ -211,7 +230,7 @@ class GatewaySettings(_Strict):
 
 class PoolConfig(_Strict):
     version: Literal[1] = 1
-    experts: list[Expert] = Field(min_length=1)
+    experts: list[ExpertEntry] = Field(min_length=1)
     categories: list[Category] = Field(min_length=1)
     router: RouterSettings = RouterSettings()
     cache: CacheBudgets = CacheBudgets()
@@ -284,33 +303,55 @@ def _key_path(loc: Iterable[Any]) -> str:
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = error["loc"]
-    where = _key_path(loc)
+    loc = _walk(model, error["loc"])[0]
     kind = error["type"]
+    got = error.get("input")
+    if kind == _UNKNOWN_ENGINE:
+        # Reported at the entry; the entry's `engine:` is what is wrong.
+        loc = [*loc, "engine"]
+        got = got.get("engine") if isinstance(got, dict) else got
+    where = _key_path(loc)
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
+        parent = error["loc"][:-1]
+        allowed = _allowed_keys(model, parent)
         hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        # A key of an expert entry may belong to another engine kind (`vllm:` on a remote one).
+        tag = parent[-1] if parent else None
+        if isinstance(tag, str) and tag in _variants(_walk(model, parent[:-1])[1]):
+            hint = f" with engine '{tag}'{hint}"
         return f"{where}: unknown key{hint}"
     if kind == "missing":
         return f"{where}: required key is missing"
-    got = error.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
     return f"{where}: {error['msg']}{shown}"
 
 
-def _allowed_keys(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
-    """Walk the schema along ``loc`` to list the keys that are valid at that place."""
+def _walk(model: type[BaseModel], loc: Iterable[Any]) -> tuple[list[Any], Any]:
+    """Follow a validation error's ``loc`` through the schema. Returns the key path as the file
+    spells it, without the tags pydantic puts in for a discriminated union (the `vllm` of
+    ``("experts", 0, "vllm", "sampling")``), and the annotation at its end (None off the schema).
+    """
+    path: list[Any] = []
     current: Any = model
     for part in loc:
         if isinstance(part, int):
+            path.append(part)
             continue
-        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
-        if field is None:
-            return []
-        current = _inner_model(field.annotation)
-        if current is None:
-            return []
-    fields = getattr(current, "model_fields", {})
+        variant = _variants(current).get(part)
+        if variant is not None:
+            current = variant
+            continue
+        path.append(part)
+        inner = _inner_model(current)
+        field = inner.model_fields.get(part) if inner is not None else None
+        current = field.annotation if field is not None else None
+    return path, current
+
+
+def _allowed_keys(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
+    """The keys that are valid at ``loc`` (a validation error's, tags included)."""
+    current = _inner_model(_walk(model, loc)[1])
+    fields = current.model_fields if current is not None else {}
     return [name for name, f in fields.items() if not f.exclude]
 
 
@@ -322,6 +363,21 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def _variants(annotation: Any) -> dict[str, Any]:
+    """The members of a discriminated union inside ``annotation`` (e.g. list[ExpertEntry]), by
+    tag; empty at a model, whose fields are not looked into."""
+    if annotation is None or isinstance(annotation, type):
+        return {}
+    if get_origin(annotation) is Annotated:
+        inner, *metadata = get_args(annotation)
+        tags = [m.tag for m in metadata if isinstance(m, Tag)]
+        return {tags[0]: inner} if tags else _variants(inner)
+    found: dict[str, Any] = {}
+    for arg in get_args(annotation):
+        found.update(_variants(arg))
+    return found
 
 
 def _cross_checks(cfg: PoolConfig) -> list[str]:
@@ -338,16 +394,7 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
             problems.append(
                 f"experts[{i}].name: 'auto' is reserved (the gateway's routed model); rename it"
             )
-        if e.engine == "remote" and e.remote is None:
-            problems.append(
-                f"experts[{i}].remote: required when engine is 'remote' "
-                "(give base_url and model of the OpenAI-compatible server)"
-            )
-        if e.engine == "vllm" and not e.model:
-            problems.append(
-                f"experts[{i}].model: required when engine is 'vllm' "
-                "(a path, a Hugging Face repo id, or coe:NAME)"
-            )
+        problems.extend(f"experts[{i}].{p}" for p in ENGINE_KINDS[e.engine].check(e))
     cats = cfg.category_names
     for i, c in enumerate(cfg.categories):
         if c.name in cats[:i]:

@@ -15,8 +15,8 @@ from typing import Any
 from coe.cache.group import SlotGroup, Unit, new_record
 from coe.cache.residency import ResidencyManager
 from coe.cache.slot import Slot
-from coe.config import VllmOptions
 from coe.engines.base import EngineError
+from coe.engines.vllm_local import VllmOptions
 from coe.types import Chunk, Message, Prompt, SamplingParams, Usage, collect
 
 MB = 1 << 20

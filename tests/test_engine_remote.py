@@ -11,9 +11,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from coe.config import RemoteOptions, parse_config
+from coe.config import parse_config
 from coe.engines.base import EngineError
-from coe.engines.remote import RemoteEngine
+from coe.engines.remote import RemoteEngine, RemoteOptions
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop

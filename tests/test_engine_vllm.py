@@ -135,8 +135,7 @@ async def test_crashed_engine_fails_fast_then_restarts(orch: Orchestrator) -> No
 
 
 async def test_engine_that_cannot_start_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from coe.config import VllmOptions
-    from coe.engines.vllm_local import VllmSpec
+    from coe.engines.vllm_local import VllmOptions, VllmSpec
 
     missing = tmp_path / "no-such-model"
     missing.mkdir()

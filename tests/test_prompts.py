@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from coe.config import Category, ExpertPromptingSettings, parse_config
+from coe.engines.render import fold_system, render_text
 from coe.orchestrator import Orchestrator
 from coe.prompts.identity import IdentityWriter, clean_identity, writer_prompt
 from coe.prompts.mixture import (
@@ -23,7 +24,6 @@ from coe.prompts.mixture import (
     fit_mixture,
     load_mixture,
 )
-from coe.prompts.render import fold_system, render_text
 from coe.prompts.strategies import Shaping
 from coe.store import MemoryStore
 from coe.types import Message, Prompt

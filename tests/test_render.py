@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coe.prompts.render import render_qa, render_text, render_token_ids
+from coe.engines.render import render_qa, render_text, render_token_ids
 from coe.types import Message, Prompt
 
 

@@ -24,8 +24,7 @@ from typing import Any
 from coe.cache.signature import checkpoint_bytes
 from coe.cache.slot import WORKER_EXTENSION
 from coe.cache.worker import checkpoint_files, drop_page_cache
-from coe.config import VllmOptions
-from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
+from coe.engines.vllm_local import VllmLocalEngine, VllmOptions, VllmSpec
 from coe.types import Message, Prompt, SamplingParams, collect
 
 PROBE = Prompt((Message("user", "Name three primary colors."),), "qa")

@@ -1,4 +1,5 @@
-"""The Engine protocol: what every expert backend (in-process vLLM, remote server) provides.
+"""The Engine protocol: what every expert backend (in-process vLLM, remote server) provides, and
+the EngineKind protocol: how experts.yaml selects, configures and builds one.
 
 Engines take a fully shaped prompt (system prompt and strategy already applied) and sampling
 parameters, and stream text deltas. Each stream ends with exactly one chunk that carries
@@ -7,8 +8,10 @@ parameters, and stream text deltas. Each stream ends with exactly one chunk that
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Hashable
+from typing import ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from coe.errors import UnavailableError
 from coe.types import Chunk, Prompt, SamplingParams
@@ -52,3 +55,64 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+
+class EngineOptions(BaseModel):
+    """Base of the option models an engine kind adds to experts.yaml. Unknown keys are errors (a
+    typo like `max_num_seq:` must not be silently ignored); frozen, so options can key a dict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertView(Protocol):
+    """What an engine kind reads of any expert entry of experts.yaml (a coe.config.Expert).
+
+    An engine kind also reads its own fields (EngineKind.fields) from the entry it is given.
+    """
+
+    name: str
+    engine: str
+    # A model reference as written in the file (a path, a hub id, coe:NAME); None if the kind
+    # needs none.
+    model: str | None
+    max_model_len: int
+
+
+class ModelResolver(Protocol):
+    """Turns an expert's model reference into what an engine loads (coe.config.PoolConfig)."""
+
+    def resolve_model(self, expert: ExpertView) -> str: ...
+
+
+class EngineKind(Protocol):
+    """One kind of expert backend, selected by an expert entry's `engine:` key.
+
+    coe.engines.registry lists the kinds; coe.config builds each kind's entry schema from
+    ``fields``, and the engine pool asks the kind for the expert's engine.
+    """
+
+    # The value of `engine:` that selects this kind.
+    name: ClassVar[str]
+    # The entry keys this kind adds to the common ones (coe.config.Expert), with their defaults.
+    fields: ClassVar[type[EngineOptions]]
+
+    @classmethod
+    def check(cls, expert: ExpertView) -> list[str]:
+        """Problems with an entry that its types alone do not catch, each starting with the key
+        path inside the entry (``"remote: required when ..."``)."""
+        ...
+
+    @classmethod
+    def backend(cls, expert: ExpertView) -> str:
+        """Where the expert runs, for listings (`coe experts`): a model reference, a URL."""
+        ...
+
+    @classmethod
+    def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> Hashable:
+        """What decides which engine the expert needs: experts with equal keys share one."""
+        ...
+
+    @classmethod
+    def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> Engine:
+        """A new engine for the expert; ``name`` names it in logs and errors."""
+        ...

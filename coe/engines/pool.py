@@ -17,28 +17,16 @@ from coe.cache.sleep import SleepingExpertEngine
 from coe.cache.status import StatusFile
 from coe.config import Expert, PoolConfig
 from coe.engines.base import Engine
-from coe.engines.remote import RemoteEngine
-from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
+from coe.engines.registry import engine_kind
 
 
 def engine_key(config: PoolConfig, expert: Expert) -> Hashable:
-    if expert.engine == "remote":
-        assert expert.remote is not None
-        return ("remote", expert.remote.base_url, expert.remote.model)
-    return VllmSpec(
-        model=config.resolve_model(expert),
-        dtype=expert.dtype,
-        max_model_len=expert.max_model_len,
-        options=expert.vllm,
-    )
+    """Experts with equal keys share one engine (the expert's engine kind decides)."""
+    return engine_kind(expert.engine).engine_key(config, expert)
 
 
 def default_engine_factory(config: PoolConfig, expert: Expert, name: str) -> Engine:
-    key = engine_key(config, expert)
-    if isinstance(key, VllmSpec):
-        return VllmLocalEngine(name, key)
-    assert expert.remote is not None
-    return RemoteEngine(name, expert.remote)
+    return engine_kind(expert.engine).build(config, expert, name)
 
 
 EngineFactory = Callable[[PoolConfig, Expert, str], Engine]

@@ -6,16 +6,38 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Hashable
+from typing import Any, ClassVar
 
-from coe.config import RemoteOptions
-from coe.engines.base import EngineError
-from coe.prompts.render import format_stops, render_qa
+from pydantic import Field
+
+from coe.engines.base import EngineError, EngineOptions, ExpertView, ModelResolver
+from coe.engines.render import format_stops, render_qa
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 
-def _litellm() -> Any:
+class RemoteOptions(EngineOptions):
+    """An expert behind any OpenAI-compatible server, called through litellm (an expert entry's
+    `remote:` key)."""
+
+    base_url: str
+    # The model name the server knows the expert by.
+    model: str
+    # Name of the environment variable holding the API key (the key itself never goes in the file).
+    api_key_env: str | None = None
+    timeout_s: float = Field(120.0, gt=0.0)
+
+
+class RemoteExpertFields(EngineOptions):
+    """The keys an expert entry with `engine: remote` adds to the common ones."""
+
+    # Required, but checked after the types (RemoteKind.check) so that a missing `remote:` is
+    # reported together with every other problem of the file, with what to write there.
+    remote: RemoteOptions | None = None
+
+
+def load_litellm() -> Any:
+    """The litellm module, imported on first use (it is slow to import) and kept quiet."""
     # litellm fetches a price map from the internet at import unless told to use its local copy.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
@@ -47,13 +69,13 @@ class RemoteEngine:
 
     async def start(self) -> None:
         # Nothing to start: the server is someone else's. The first request tells if it is up.
-        _litellm()
+        load_litellm()
         self._ready = True
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Chunk]:
-        litellm = _litellm()
+        litellm = load_litellm()
         # "openai/" tells litellm to speak the plain OpenAI protocol to base_url.
         common: dict[str, Any] = {
             "model": f"openai/{self.options.model}",
@@ -130,3 +152,35 @@ def _retryable(litellm: Any, exc: Exception) -> bool:
         litellm.ServiceUnavailableError,
     )
     return isinstance(exc, transient)
+
+
+class RemoteKind:
+    """`engine: remote`: the expert is served by someone else's OpenAI-compatible server."""
+
+    name: ClassVar[str] = "remote"
+    fields: ClassVar[type[EngineOptions]] = RemoteExpertFields
+
+    @classmethod
+    def check(cls, expert: ExpertView) -> list[str]:
+        assert isinstance(expert, RemoteExpertFields)
+        if expert.remote is None:
+            return [
+                "remote: required when engine is 'remote' "
+                "(give base_url and model of the OpenAI-compatible server)"
+            ]
+        return []
+
+    @classmethod
+    def backend(cls, expert: ExpertView) -> str:
+        assert isinstance(expert, RemoteExpertFields)
+        return expert.remote.base_url if expert.remote is not None else ""
+
+    @classmethod
+    def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> Hashable:
+        assert isinstance(expert, RemoteExpertFields) and expert.remote is not None
+        return ("remote", expert.remote.base_url, expert.remote.model)
+
+    @classmethod
+    def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> RemoteEngine:
+        assert isinstance(expert, RemoteExpertFields) and expert.remote is not None
+        return RemoteEngine(name, expert.remote)

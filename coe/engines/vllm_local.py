@@ -19,15 +19,39 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from coe.config import VllmOptions
-from coe.engines.base import EngineError
+from pydantic import Field
+
+from coe.engines.base import EngineError, EngineOptions, ExpertView, ModelResolver
+from coe.engines.render import format_stops, render_token_ids
 from coe.errors import BadRequestError
-from coe.prompts.render import format_stops, render_token_ids
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
+
+
+class VllmOptions(EngineOptions):
+    """Engine arguments for an in-process vLLM engine (an expert entry's `vllm:` key).
+
+    Experts with the same model and equal options share one engine.
+    """
+
+    enforce_eager: bool = True
+    # On the CPU build this is a fraction of the NUMA node's RAM, not of accelerator memory.
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    # KV cache size on the CPU build (VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    max_num_seqs: int = Field(16, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_sleep_mode: bool = False
+
+
+class VllmExpertFields(EngineOptions):
+    """The keys an expert entry with `engine: vllm` (the default) adds to the common ones."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    vllm: VllmOptions = VllmOptions()
 
 
 class PromptTooLongError(BadRequestError):
@@ -270,3 +294,35 @@ class VllmLocalEngine:
     async def shutdown(self) -> None:
         async with self._lock:
             await self._close_llm()
+
+
+class VllmKind:
+    """`engine: vllm` (or no `engine:`): the expert's model runs in this process's vLLM."""
+
+    name: ClassVar[str] = "vllm"
+    fields: ClassVar[type[EngineOptions]] = VllmExpertFields
+
+    @classmethod
+    def check(cls, expert: ExpertView) -> list[str]:
+        if not expert.model:
+            where = "a path, a Hugging Face repo id, or coe:NAME"
+            return [f"model: required when engine is 'vllm' ({where})"]
+        return []
+
+    @classmethod
+    def backend(cls, expert: ExpertView) -> str:
+        return expert.model or ""
+
+    @classmethod
+    def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> VllmSpec:
+        assert isinstance(expert, VllmExpertFields)
+        return VllmSpec(
+            model=pool.resolve_model(expert),
+            dtype=expert.dtype,
+            max_model_len=expert.max_model_len,
+            options=expert.vllm,
+        )
+
+    @classmethod
+    def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> VllmLocalEngine:
+        return VllmLocalEngine(name, cls.engine_key(pool, expert))

@@ -105,9 +105,9 @@ class LiteLLMJudge:
     async def complete(
         self, messages: Sequence[ChatTurn], temperature: float, max_tokens: int
     ) -> str:
-        from coe.engines.remote import _litellm
+        from coe.engines.remote import load_litellm
 
-        litellm = _litellm()
+        litellm = load_litellm()
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],

@@ -1,1 +1,1 @@
-"""Prompt shaping: rendering messages into model input, and (later) per-category strategies."""
+"""Prompt shaping: the per-category strategies that turn a request into the expert's prompt."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from coe.config import Expert, PoolConfig
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
+from coe.cache.pool import EnginePool
 from coe.errors import BadRequestError
 from coe.prompts.identity import IdentityWriter
 from coe.prompts.strategies import NONE as NO_SHAPING

@@ -16,7 +16,7 @@ import pytest
 
 from coe.config import PoolConfig, parse_config
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
+from coe.cache.pool import EnginePool
 from coe.gateway.auth import hash_key
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator

@@ -8,7 +8,7 @@ import pytest
 
 from coe.config import Expert, PoolConfig, parse_config
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
+from coe.cache.pool import EnginePool
 from coe.orchestrator import Orchestrator
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 

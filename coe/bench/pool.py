@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from coe.config import parse_config
-from coe.engines.pool import EnginePool
+from coe.cache.pool import EnginePool
 from coe.types import Message, Prompt, SamplingParams, collect
 
 PROMPTS = [

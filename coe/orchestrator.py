@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from coe.cache.pool import EnginePool
 from coe.config import Expert, PoolConfig
 from coe.engines.base import EngineError
-from coe.cache.pool import EnginePool
 from coe.errors import BadRequestError
 from coe.prompts.identity import IdentityWriter
 from coe.prompts.strategies import NONE as NO_SHAPING

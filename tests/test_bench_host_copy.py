@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coe.bench.host_copy import SHAPES, BareWorker, _Model, run_host_copy_bench
-from coe.cache.worker import read_into_buffer, read_safetensors
+from coe.cache.checkpoint_read import read_into_buffer, read_safetensors
 
 from .conftest import coe
 

@@ -13,10 +13,10 @@ import psutil
 import pytest
 from prometheus_client import REGISTRY
 
+from coe.cache.pool import EnginePool
 from coe.cache.tiers import Tier
 from coe.config import PoolConfig, parse_config
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
 from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
 from coe.models.variants import prepared_variant
 from coe.runtime import BackgroundLoop

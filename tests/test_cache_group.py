@@ -10,14 +10,21 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from coe.cache.group import SlotGroup, Unit, new_record
+from coe.cache.pool import CacheFactoryError, EnginePool
 from coe.cache.residency import ResidencyManager
-from coe.cache.slot import Slot
+from coe.cache.slot import WORKER_EXTENSION, Slot
+from coe.config import parse_config
 from coe.engines.base import EngineError
-from coe.engines.vllm_local import VllmOptions
+from coe.engines.vllm_local import VllmOptions, VllmSpec
 from coe.types import Chunk, Message, Prompt, SamplingParams, Usage, collect
+
+from .test_cache_policy import GIB, pool_of
 
 MB = 1 << 20
 DISK = 100 * MB
@@ -164,3 +171,42 @@ def test_a_broken_checkpoint_fails_alone_with_two_slots() -> None:
     for failed in (results[1], results[3]):
         assert isinstance(failed, EngineError)
         assert "could not be loaded from /models/bad" in str(failed)
+
+
+def test_the_pool_plans_the_cache_whatever_engines_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected engines never switch the cache off: the pool refuses plain engines alone for
+    a pool that swaps, and builds its slots with an injected slot factory."""
+    monkeypatch.setenv("COE_HOME", str(tmp_path / "home"))  # the live status file
+    cfg = parse_config(pool_of(tmp_path, {"hbm_bytes": 2 * GIB + 4096}), tmp_path / "experts.yaml")
+    unit_at = {str(tmp_path / f"m{i}"): f"e{i}" for i in range(3)}
+
+    def plain(_config: object, _expert: object, name: str) -> Any:
+        return FakeEngine(name, set())
+
+    with pytest.raises(CacheFactoryError, match="slot_factory"):
+        EnginePool(cfg, plain)
+    built: list[tuple[str, VllmSpec, bool]] = []
+
+    def slots(name: str, spec: VllmSpec, autostart: bool) -> Any:
+        built.append((name, spec, autostart))
+        return FakeEngine(unit_at[spec.model], set())
+
+    pool = EnginePool(cfg, plain, slot_factory=slots)
+    assert len(pool.groups) == 1 and not pool.engines
+    assert [spec.model for _, spec, _ in built] == [str(tmp_path / "m0"), str(tmp_path / "m1")]
+    assert all(s.worker_extension == WORKER_EXTENSION and not auto for _, s, auto in built)
+
+    async def ask(expert: str) -> str:
+        prompt = Prompt((Message("user", "hi"),))
+        stream = pool.engine_for(expert).stream(prompt, SamplingParams(max_tokens=4))
+        return (await collect(stream)).text
+
+    async def run() -> list[str]:
+        try:
+            return [await ask(e) for e in ("again", "e2", "e1")]
+        finally:
+            await pool.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(run(), timeout=60)) == ["e0", "e2", "e1"]

@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
+from coe.cache.pool import EnginePool
 from coe.config import PoolConfig, parse_config
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
 from coe.gateway.auth import hash_key
 from coe.gateway.server import GatewayServer, open_store_on_loop
 from coe.orchestrator import Orchestrator

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from coe.cache.pool import EnginePool
 from coe.config import Expert, PoolConfig, parse_config
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
 from coe.orchestrator import Orchestrator
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from coe.cache.pool import engine_key
 from coe.config import PoolConfig
-from coe.engines.pool import engine_key
 from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
 from coe.types import Message, Prompt, SamplingParams, collect
 

@@ -2,10 +2,10 @@
 
 `coe bench swap` needs a vLLM engine, and vLLM's CUDA build is not always at hand: CI has no
 GPU, and a GPU machine may have torch but no vLLM. This benchmark drives the same worker code
-(`coe.cache.worker.SlotWorker`: stage a checkpoint from disk into pinned host memory, capture
-the resident weights, activate a host copy) against a plain torch model with a decoder's
-parameter shapes, on CUDA where present, and prints each figure beside a reference measured in
-the same run:
+(`coe.cache.worker.SlotWorker`, as `coe.bench.worker.BenchWorker`: stage a checkpoint from disk
+into pinned host memory, capture the resident weights, activate a host copy) against a plain
+torch model with a decoder's parameter shapes, on CUDA where present, and prints each figure
+beside a reference measured in the same run:
 
 - HOST → HBM (engine layout): `coe_activate` copying every parameter, median of N swaps,
   beside the floor: one pinned host → device copy of the same bytes (`coe_memcpy_floor`);
@@ -24,14 +24,15 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coe.cache.worker import SlotWorker, checkpoint_files, drop_page_cache
+from coe.bench.worker import BenchWorker
+from coe.cache.checkpoint import checkpoint_files, drop_page_cache
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ class _ModelConfig:
         self.dtype = dtype
 
 
-class BareWorker(SlotWorker):
-    """SlotWorker around a plain torch model: what vLLM's Worker provides, and no more."""
+class BareWorker(BenchWorker):
+    """The bench's SlotWorker around a plain torch model: what vLLM's Worker provides, no more."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
         self.model_runner = _Runner(model)
@@ -221,7 +222,7 @@ def run_host_copy_bench(
         worker.coe_capture("b")
 
         samples: list[float] = []
-        last: dict[str, Any] = {}
+        last: Mapping[str, Any] = {}
         for _ in range(repeats):
             for expert in ("a", "b"):
                 last = worker.coe_activate(expert)

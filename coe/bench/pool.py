@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coe.cache.pool import EnginePool
 from coe.config import parse_config
-from coe.engines.pool import EnginePool
 from coe.types import Message, Prompt, SamplingParams, collect
 
 PROMPTS = [

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from coe.cache.signature import checkpoint_bytes
-from coe.cache.slot import WORKER_EXTENSION
-from coe.cache.worker import checkpoint_files, drop_page_cache
+from coe.bench.worker import BENCH_WORKER_EXTENSION, BenchWorkerClient
+from coe.cache.checkpoint import checkpoint_bytes, checkpoint_files, drop_page_cache
+from coe.cache.rpc import StageState
 from coe.engines.vllm_local import VllmLocalEngine, VllmOptions, VllmSpec
 from coe.types import Message, Prompt, SamplingParams, collect
 
@@ -56,9 +57,9 @@ class SwapBench:
         return asdict(self)
 
 
-async def _wait_staged(engine: VllmLocalEngine, unit: str) -> dict[str, Any]:
+async def _wait_staged(worker: BenchWorkerClient, unit: str) -> StageState:
     while True:
-        state = await engine.rpc("coe_wait_staged", unit, 0.0)
+        state = await worker.wait_staged(unit, 0.0)
         if state["state"] != "loading":
             return state
         await asyncio.sleep(0.01)
@@ -67,31 +68,32 @@ async def _wait_staged(engine: VllmLocalEngine, unit: str) -> dict[str, Any]:
 async def run_swap_bench(
     base: Path, variant: Path, options: VllmOptions, repeats: int = 7
 ) -> SwapBench:
-    spec = VllmSpec(str(base), "bfloat16", 1024, options, worker_extension=WORKER_EXTENSION)
+    spec = VllmSpec(str(base), "bfloat16", 1024, options, worker_extension=BENCH_WORKER_EXTENSION)
     engine = VllmLocalEngine("bench-swap", spec)
+    worker = BenchWorkerClient(engine)
     greedy = SamplingParams(temperature=0.0, max_tokens=16)
     try:
         t0 = time.perf_counter()
         await engine.start()
         cold_start = time.perf_counter() - t0
-        await engine.rpc("coe_capture", "base")
+        await worker.capture("base")
 
         dropped = all(drop_page_cache(str(f)) for f in checkpoint_files(str(variant)))
-        await engine.rpc("coe_stage", "variant", str(variant), True)
-        staged = await _wait_staged(engine, "variant")
+        await worker.stage("variant", str(variant), drop_cache=True)
+        staged = await _wait_staged(worker, "variant")
         if staged["state"] != "staged":
             raise RuntimeError(f"reading {variant} failed: {staged}")
 
-        first = await engine.rpc("coe_activate", "variant")
+        first = await worker.activate("variant")
         await engine.reset_prefix_cache()
         first_answer = (await collect(engine.stream(PROBE, greedy))).text
-        captured = await engine.rpc("coe_capture", "variant")
+        captured = await worker.capture("variant")
 
         samples: list[float] = []
-        last: dict[str, Any] = {}
+        last: Mapping[str, Any] = {}
         for _ in range(repeats):
             for unit in ("base", "variant"):
-                last = await engine.rpc("coe_activate", unit)
+                last = await worker.activate(unit)
                 if unit == "variant":
                     samples.append(last["seconds"])
         await engine.reset_prefix_cache()
@@ -99,11 +101,11 @@ async def run_swap_bench(
 
         for f in checkpoint_files(str(base)):
             drop_page_cache(str(f))
-        disk = await engine.rpc("coe_load_path", str(base))
+        disk = await worker.load_path(str(base))
 
         nbytes = checkpoint_bytes(variant)
-        floor = await engine.rpc("coe_memcpy_floor", nbytes)
-        floor_copied = await engine.rpc("coe_memcpy_floor", last["copied_bytes"])
+        floor = await worker.memcpy_floor(nbytes)
+        floor_copied = await worker.memcpy_floor(last["copied_bytes"])
     finally:
         await engine.shutdown()
     swap = statistics.median(samples)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from coe.cache.checkpoint import checkpoint_bytes
 from coe.cache.group import SlotGroup, Unit, new_record, unit_signature
 from coe.cache.residency import ResidencyManager
-from coe.cache.signature import checkpoint_bytes
 from coe.cache.sleep import SleepCoordinator, SleepingExpertEngine, SleepPlanner, SoloEngine
-from coe.cache.slot import WORKER_EXTENSION, Slot
+from coe.cache.slot import WORKER_EXTENSION, Slot, SlotEngineFactory, vllm_slot_engine
 from coe.config import ConfigError, Expert, PoolConfig
-from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
+from coe.engines.vllm_local import VllmSpec
 
 GIB = 1 << 30
 
@@ -126,9 +126,10 @@ def _deal_slots(config: PoolConfig, groups: list[GroupPlan], cuda: bool | None) 
 
 
 def build_groups(
-    config: PoolConfig, plans: list[GroupPlan], policy: str = "grouped"
+    config: PoolConfig, plans: list[GroupPlan], engines: SlotEngineFactory = vllm_slot_engine
 ) -> dict[str, SlotGroup]:
-    """Slot groups for the plans that swap, keyed by expert name, sharing one host budget."""
+    """Slot groups for the plans that swap, keyed by expert name, sharing one host budget.
+    `engines` builds each slot's engine."""
     swapping = [p for p in plans if p.swaps]
     host_budget = config.cache.host_bytes
     if host_budget is None:
@@ -148,7 +149,8 @@ def build_groups(
                 options=t.vllm,
                 worker_extension=WORKER_EXTENSION,
             )
-            engine = VllmLocalEngine(f"{plan.key}#{i}", spec, autostart=False)
+            # The group restarts a slot's engine itself (autostart off): see VllmLocalEngine.
+            engine = engines(f"{plan.key}#{i}", spec, False)
             slots.append(Slot(i, engine, unit.name))
         group = SlotGroup(
             plan.key,
@@ -156,7 +158,6 @@ def build_groups(
             slots,
             residency,
             max_wait_s=config.cache.max_wait_s,
-            policy=policy,  # type: ignore[arg-type]
         )
         for unit in plan.units:
             residency.owners[unit.name] = group
@@ -186,8 +187,11 @@ def planned_residency(config: PoolConfig) -> dict[str, dict[str, object]]:
     return out
 
 
-def build_sleepers(config: PoolConfig, plans: list[GroupPlan]) -> dict[str, SleepingExpertEngine]:
-    """CUDA only: solo engines behind one sleep coordinator, keyed by expert name."""
+def build_sleepers(
+    config: PoolConfig, plans: list[GroupPlan], engines: SlotEngineFactory = vllm_slot_engine
+) -> dict[str, SleepingExpertEngine]:
+    """CUDA only: solo engines behind one sleep coordinator, keyed by expert name. `engines`
+    builds each solo engine."""
     sleepers = [p for p in plans if p.sleeps]
     if not sleepers:
         return {}
@@ -195,7 +199,7 @@ def build_sleepers(config: PoolConfig, plans: list[GroupPlan]) -> dict[str, Slee
     assert budget is not None
     shared = sum(p.slot_bytes * p.slots for p in plans if not p.sleeps)
     host = config.cache.host_bytes if config.cache.host_bytes is not None else default_host_budget()
-    solos, engines, paths = [], {}, {}
+    solos, solo_engines, paths = [], {}, {}
     for plan in sleepers:
         unit = plan.units[0]
         weights = plan.unit_bytes[unit.name]
@@ -204,10 +208,10 @@ def build_sleepers(config: PoolConfig, plans: list[GroupPlan]) -> dict[str, Slee
         spec = VllmSpec(
             unit.path, plan.template.dtype, plan.template.max_model_len, options, WORKER_EXTENSION
         )
-        engines[unit.name] = VllmLocalEngine(unit.name, spec)
+        solo_engines[unit.name] = engines(unit.name, spec, True)
         paths[unit.name] = unit.path
     planner = SleepPlanner(solos, budget - shared, host, config.cache.rate_half_life_s)
-    coordinator = SleepCoordinator(planner, engines, paths)
+    coordinator = SleepCoordinator(planner, solo_engines, paths)
     return {
         name: SleepingExpertEngine(name, plan.units[0].name, coordinator)
         for plan in sleepers

@@ -55,10 +55,70 @@ class ResidencyManager:
     def __getitem__(self, name: str) -> ExpertResidency:
         return self.records[name]
 
+    # --- the records: every change to an ExpertResidency is made here ---------------------------
     def note_request(self, name: str) -> None:
         record = self.records[name]
         record.note_request(self.clock(), self.half_life_s)
         record.failed = None
+
+    def note_hit(self, name: str) -> None:
+        """A request for the expert was served."""
+        self.records[name].hits += 1
+        self.notify()
+
+    def slot_restarted(self, names: Iterable[str], slot: int) -> None:
+        """Slot `slot` of the group holding `names` got a fresh engine: whatever the old one's
+        worker held (live weights, host copies) is gone."""
+        for name in names:
+            record = self.records[name]
+            if record.resident_slot == slot:
+                record.resident_slot = None
+            if record.host_slot == slot:
+                record.forget_host()
+
+    def mark_resident(self, name: str, slot: int, *, swapped_in: bool) -> None:
+        """The expert's weights are live in `slot` (swapped in, or the slot booted with them)."""
+        record = self.records[name]
+        record.resident_slot = slot
+        if swapped_in:
+            record.swaps_in += 1
+
+    def mark_not_resident(self, name: str) -> None:
+        self.records[name].resident_slot = None
+
+    def claim_host(self, name: str, slot: int, layout: str, nbytes: int) -> None:
+        """Room in the host tier is taken for a copy in `slot`'s worker (a checkpoint-layout
+        copy is loading until `staged`)."""
+        record = self.records[name]
+        record.host_slot, record.host_layout, record.host_bytes = slot, layout, nbytes
+        record.loading = layout == "checkpoint"
+
+    def staged(self, name: str, nbytes: int) -> None:
+        """A DISK → HOST read finished: the copy takes `nbytes`."""
+        record = self.records[name]
+        record.loading = False
+        record.host_bytes = nbytes
+
+    def captured(self, name: str, nbytes: int) -> None:
+        """An engine-layout copy was taken: it takes `nbytes`."""
+        self.records[name].host_bytes = nbytes
+
+    def stop_loading(self, name: str) -> None:
+        self.records[name].loading = False
+
+    def forget_host(self, name: str) -> None:
+        """No host copy any more (evicted, replaced, failed, or its worker restarted)."""
+        self.records[name].forget_host()
+
+    def load_failed(self, name: str, error: str) -> None:
+        """Loading the checkpoint failed; requests fail with `error` until a new request asks
+        again (`note_request`)."""
+        self.records[name].failed = error
+
+    def learn_engine_layout(self, name: str, engine_bytes: int) -> None:
+        """Engine-layout bytes per checkpoint byte, from the expert a slot booted with."""
+        if self.engine_layout_factor is None:
+            self.engine_layout_factor = engine_bytes / max(1, self.records[name].disk_bytes)
 
     # --- costs ---------------------------------------------------------------------------------
     def reload_seconds(self, name: str) -> float:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
+from coe.cache.checkpoint import CheckpointFormatError, safetensors_header
 from coe.errors import ConfigurationError
 
 # Config keys that do not change the engine's layout.
@@ -21,26 +21,6 @@ _BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
 
 class SignatureError(ConfigurationError, ValueError):
     """A checkpoint folder cannot be read well enough to know its architecture."""
-
-
-def safetensors_header(file: Path) -> dict[str, Any]:
-    with file.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise SignatureError(f"{file}: too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:
-            raise SignatureError(f"{file}: header length {length} is not plausible")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as exc:
-            raise SignatureError(f"{file}: unreadable safetensors header ({exc})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def checkpoint_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def architecture_signature(folder: Path | str, dtype: str) -> str:
@@ -57,7 +37,11 @@ def architecture_signature(folder: Path | str, dtype: str) -> str:
         raise SignatureError(f"{folder}: no *.safetensors files (coe swaps safetensors only)")
     tensors: dict[str, Any] = {}
     for file in files:
-        for name, info in safetensors_header(file).items():
+        try:
+            header = safetensors_header(file)
+        except CheckpointFormatError as exc:
+            raise SignatureError(str(exc)) from None
+        for name, info in header.items():
             tensors[name] = [info.get("dtype"), info.get("shape")]
     described = {
         "config": {k: v for k, v in sorted(config.items()) if k not in _BOOKKEEPING},

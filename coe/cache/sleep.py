@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from coe.cache.rpc import WorkerClient
 from coe.cache.tiers import ExpertResidency
 
 
@@ -143,7 +144,7 @@ class SleepCoordinator:
         elif not state.awake:
             await engine.wake_up()
             if state.level == 2:  # its weights were dropped: read them again
-                await engine.rpc("coe_load_path", self.paths[name])
+                await WorkerClient(engine).load_path(self.paths[name])
         self.planner.applied([], name)
 
 

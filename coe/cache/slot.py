@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
-from coe.engines.vllm_local import VllmLocalEngine
+from coe.cache.rpc import WorkerClient
+from coe.engines.vllm_local import VllmLocalEngine, VllmSpec
 
 WORKER_EXTENSION = "coe.cache.worker.SlotWorker"
+
+# Builds the engines the weight cache runs itself (slots, and sleeping solo engines):
+# (name, spec with the worker extension, autostart) -> engine. Tests inject fakes.
+SlotEngineFactory = Callable[[str, VllmSpec, bool], VllmLocalEngine]
+
+
+def vllm_slot_engine(name: str, spec: VllmSpec, autostart: bool) -> VllmLocalEngine:
+    """The default slot engine factory: an in-process vLLM engine."""
+    return VllmLocalEngine(name, spec, autostart=autostart)
 
 
 class Slot:
     def __init__(self, index: int, engine: VllmLocalEngine, boot_unit: str):
         self.index = index
         self.engine = engine
+        # The slot worker's RPCs (coe.cache.worker.SlotWorker) in this engine.
+        self.worker = WorkerClient(engine)
         # The weights the engine loads when it (re)starts.
         self.boot_unit = boot_unit
         self.in_flight = 0
@@ -38,9 +50,6 @@ class Slot:
         await self.engine.start()
         self._starts_seen = self.engine.starts
         self._resident = self.boot_unit
-
-    async def rpc(self, method: str, *args: Any) -> Any:
-        return await self.engine.rpc(method, *args)
 
     def __repr__(self) -> str:
         return f"Slot({self.index}, resident={self._resident}, in_flight={self.in_flight})"

@@ -15,7 +15,9 @@ class Tier(StrEnum):
 
 @dataclass
 class ExpertResidency:
-    """The cache's record of one expert. Mutated only by the residency manager and its group."""
+    """The cache's record of one expert. Changed only through the methods of
+    coe.cache.residency.ResidencyManager, so the books stay in one place (SleepPlanner keeps
+    records of its own, for their request rates only)."""
 
     name: str
     path: str  # checkpoint folder

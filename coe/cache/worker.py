@@ -1,8 +1,9 @@
 """The part of the weight cache that runs inside a vLLM worker process.
 
 vLLM loads `SlotWorker` as its worker extension (``worker_extension_cls``); coe calls its
-methods by name through ``collective_rpc``. The worker keeps the host tier of its slot: each
-expert's weights in host RAM, in one of two layouts.
+methods by name through ``collective_rpc``, always by way of `coe.cache.rpc.WorkerClient`. The
+worker keeps the host tier of its slot: each expert's weights in host RAM, in one of two
+layouts.
 
 - *checkpoint* layout: the tensors as read from the safetensors files (DISK → HOST, which runs in
   a background thread). Making such an expert resident goes through vLLM's ``reload_weights``,
@@ -19,16 +20,17 @@ from the slot never writes anything back.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from coe.cache.checkpoint import checkpoint_files, drop_page_cache
+from coe.cache.checkpoint_read import read_safetensors
 from coe.cache.host_memory import aligned, carve, host_buffer
+from coe.cache.rpc import Activation, Capture, StageState
 
 # A parameter the engine has emptied (its data moved into a packed kernel weight) has no elements.
 _EMPTIED = 0
@@ -70,109 +72,6 @@ def _closure_bytes(fn: Any, itemsize: int) -> int:
         elif hasattr(value, "n") and hasattr(value, "k") and hasattr(value, "handler_tensor"):
             total += int(value.n) * int(value.k) * itemsize
     return total
-
-
-def drop_page_cache(path: str) -> bool:
-    """Ask the kernel to drop a file's clean pages (no root needed). False where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except (AttributeError, OSError):
-        return False
-    finally:
-        os.close(fd)
-
-
-def checkpoint_files(path: str) -> list[Path]:
-    folder = Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {folder}")
-    return files
-
-
-_SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-
-
-_MAX_HEADER = 100_000_000  # the format's own limit
-
-
-Tensors = list[tuple[str, torch.Tensor]]
-
-
-def _read_with_safetensors(file: Path, pin: bool) -> tuple[Tensors, list[torch.Tensor]]:
-    from safetensors import safe_open
-
-    tensors, buffers = [], []
-    with safe_open(str(file), framework="pt") as handle:
-        for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-            tensor = handle.get_tensor(name)
-            if pin:
-                buffers.append(host_buffer(tensor.numel() * tensor.element_size(), pin))
-                tensor = carve(buffers[-1], 0, tensor).copy_(tensor)
-            tensors.append((name, tensor))
-    return tensors, buffers
-
-
-def read_safetensors(file: Path, pin: bool) -> tuple[Tensors, list[torch.Tensor]]:
-    """A safetensors file's tensors, and the host buffers they are views of (the caller keeps
-    those while it uses the tensors). Pinned tensors are read with one read into one registered
-    buffer; plain ones with safetensors' own loader, which was the faster of the two on CPU
-    (536 MB with the page cache dropped: 0.21-0.23 s against 0.30-0.99 s).
-
-    Measured on H100 hosts for 16 GB (`coe bench host-copy --shape 8b`, page cache dropped):
-    reading tensor by tensor and pinning each copy took 23.6 s (disk alone 13.2 s in that run),
-    one read into a buffer from torch's pinned allocator 20.1 s (12.5 s), one read into a
-    registered buffer (`host_memory`) 15.1 s (10.9 s)."""
-    if not pin:
-        return _read_with_safetensors(file, pin=False)
-    return read_into_buffer(file, pin)
-
-
-def read_into_buffer(file: Path, pin: bool) -> tuple[Tensors, list[torch.Tensor]]:
-    """The file's tensors as views of one host buffer filled by one sequential read."""
-    import json
-    import struct
-
-    with file.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > _MAX_HEADER:
-            raise ValueError(f"{file}: not a safetensors file (header of {header_len} bytes)")
-        header = json.loads(handle.read(header_len))
-        header.pop("__metadata__", None)
-        if any(t["dtype"] not in _SAFETENSORS_DTYPES for t in header.values()):
-            return _read_with_safetensors(file, pin)  # a dtype this reader does not know
-        size = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-        buffer = host_buffer(size, pin)
-        buffers = [buffer]
-        view = memoryview(buffer.numpy())
-        done = 0
-        while done < size:
-            n = handle.readinto(view[done:])
-            if not n:
-                raise ValueError(f"{file}: ends {size - done} bytes early")
-            done += n
-    tensors = []
-    for name, info in header.items():
-        begin, end = (int(x) for x in info["data_offsets"])
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        raw = buffer[begin:end]
-        # A view needs its offset aligned to the element size; else the tensor is copied out.
-        if begin % dtype.itemsize:
-            buffers.append(host_buffer(end - begin, pin))
-            raw = buffers[-1].copy_(raw)
-        tensor = raw.view(dtype)
-        tensors.append((name, tensor.reshape(info["shape"])))
-    return tensors, buffers
 
 
 class SlotWorker:
@@ -222,7 +121,7 @@ class SlotWorker:
         entry.seconds = time.perf_counter() - t0
         entry.done.set()
 
-    def coe_wait_staged(self, expert: str, timeout: float | None = None) -> dict[str, Any]:
+    def coe_wait_staged(self, expert: str, timeout: float | None = None) -> StageState:
         staged, _ = self._coe_state()
         entry = staged.get(expert)
         if entry is None:
@@ -248,7 +147,7 @@ class SlotWorker:
         itemsize = self._coe_itemsize()
         return total + sum(_closure_bytes(fn, itemsize) for fn in self._coe_linears().values())
 
-    def coe_capture(self, expert: str) -> dict[str, Any]:
+    def coe_capture(self, expert: str) -> Capture:
         """Keep the engine's current weights, as they are now, as this expert's host copy."""
         staged, captured = self._coe_state()
         # One host buffer for the whole expert, each parameter a view of it at an aligned offset.
@@ -280,7 +179,7 @@ class SlotWorker:
         return freed
 
     # --- HBM tier (the engine itself) -------------------------------------------------------
-    def coe_activate(self, expert: str) -> dict[str, Any]:
+    def coe_activate(self, expert: str) -> Activation:
         """Make an expert's host copy the engine's weights. Engine layout is a copy per
         parameter; checkpoint layout goes through vLLM's reload_weights."""
         staged, captured = self._coe_state()
@@ -334,27 +233,9 @@ class SlotWorker:
                 count += 1
         return count
 
-    def coe_load_path(self, path: str) -> dict[str, Any]:
+    def coe_load_path(self, path: str) -> Activation:
         """DISK → HBM directly: vLLM's reload from a checkpoint folder."""
         t0 = time.perf_counter()
         self.reload_weights(weights_path=path)  # type: ignore[attr-defined]
         self.coe_repack()
         return {"layout": "checkpoint", "seconds": time.perf_counter() - t0}
-
-    def coe_memcpy_floor(self, nbytes: int, repeats: int = 3) -> dict[str, Any]:
-        """The copy floor for `nbytes` in this process: the best of a few plain copies, host to
-        HBM from pinned memory on CUDA, RAM to RAM otherwise."""
-        cuda = torch.cuda.is_available()
-        source = host_buffer(nbytes, pin=cuda)  # the host tier's own kind of memory
-        source.fill_(1)
-        target = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if cuda else "cpu")
-        target.fill_(0)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            target.copy_(source, non_blocking=cuda)
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        kind = "pinned host->device" if cuda else "memcpy"
-        return {"bytes": nbytes, "seconds": best, "kind": kind}

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from coe.cache.pool import EnginePool
 from coe.config import Expert, PoolConfig
 from coe.engines.base import EngineError
-from coe.engines.pool import EnginePool
 from coe.orchestrator import decisions
 from coe.orchestrator.decisions import AUTO, CALLER_REASON, CATEGORY_PREFIX, How
 from coe.orchestrator.prompting import build_prompt, sampling_for, to_messages, with_shaping

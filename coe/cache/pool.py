@@ -4,6 +4,9 @@ The default pool defines several experts (system prompt, sampling) on one model:
 single vLLM engine instead of starting one each. Checkpoints that share an architecture but not
 weights share the slots of a weight-cache group (coe.cache) when there are fewer slots than
 checkpoints (cache.hbm_bytes in experts.yaml).
+
+The weight cache is planned from experts.yaml whatever engines the pool is given: `factory`
+builds plain engines, `slot_factory` the engines the cache runs itself (slots, sleepers).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from collections.abc import Callable, Hashable
 
 from coe.cache.group import SlotExpertEngine, SlotGroup
 from coe.cache.plan import build_groups, build_sleepers, plan_groups
-from coe.cache.sleep import SleepingExpertEngine
+from coe.cache.slot import SlotEngineFactory, vllm_slot_engine
 from coe.cache.status import StatusFile
 from coe.config import Expert, PoolConfig
 from coe.engines.base import Engine
 from coe.engines.registry import engine_kind
+from coe.errors import ConfigurationError
 
 
 def engine_key(config: PoolConfig, expert: Expert) -> Hashable:
@@ -32,24 +36,34 @@ def default_engine_factory(config: PoolConfig, expert: Expert, name: str) -> Eng
 EngineFactory = Callable[[PoolConfig, Expert, str], Engine]
 
 
+class CacheFactoryError(ConfigurationError):
+    """The pool was given engines of its own but none for the weight cache its config plans."""
+
+
 class EnginePool:
     def __init__(
         self,
         config: PoolConfig,
         factory: EngineFactory = default_engine_factory,
         *,
-        policy: str = "grouped",
+        slot_factory: SlotEngineFactory = vllm_slot_engine,
     ):
         self.config = config
         self._by_key: dict[Hashable, Engine] = {}
         self._for_expert: dict[str, Engine] = {}
         self.groups: dict[str, SlotGroup] = {}
-        group_of: dict[str, SlotGroup] = {}
-        sleeper_of: dict[str, SleepingExpertEngine] = {}
-        if factory is default_engine_factory:
-            plans = plan_groups(config)
-            group_of = build_groups(config, plans, policy)
-            sleeper_of = build_sleepers(config, plans)
+        plans = plan_groups(config)
+        cached = [name for p in plans if p.swaps or p.sleeps for name in p.experts]
+        if cached and factory is not default_engine_factory and slot_factory is vllm_slot_engine:
+            # Serving these experts with `factory`'s engines would silently drop the cache, and
+            # serving them with vLLM engines beside injected ones would mix real and fake.
+            raise CacheFactoryError(
+                f"experts {', '.join(cached)} are served through the weight cache "
+                "(cache.hbm_bytes in experts.yaml), whose engines come from slot_factory: pass "
+                "one beside factory"
+            )
+        group_of = build_groups(config, plans, slot_factory)
+        sleeper_of = build_sleepers(config, plans, slot_factory)
         for expert in config.experts:
             if expert.name in sleeper_of:
                 sleeper = sleeper_of[expert.name]

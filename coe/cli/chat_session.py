@@ -1,4 +1,5 @@
-"""`coe chat`: an interactive, multi-turn chat with the pool.
+"""The chat session behind `coe chat` (and `coe ask`'s streamed answer): an interactive,
+multi-turn chat with the pool.
 
 On a terminal: streamed answers, the answering expert shown first, readline editing and history,
 multi-line input, slash commands, Ctrl-C cancels the current answer only. With stdin from a pipe
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from coe.engines.base import EngineError
-from coe.orchestrator import Orchestrator, UnknownExpertError
+from coe.cli.runtime import EXIT_FAILED
+from coe.errors import CoeError
+from coe.orchestrator import Orchestrator
 from coe.paths import coe_home
 from coe.runtime import BackgroundLoop
 from coe.types import Message, RouteDecision
@@ -56,7 +58,7 @@ class ChatSession:
         runner: BackgroundLoop,
         out: IO[str] = sys.stdout,
         err: IO[str] = sys.stderr,
-        sampling: dict | None = None,
+        sampling: dict[str, Any] | None = None,
     ):
         self.orch = orchestrator
         self.runner = runner
@@ -95,7 +97,9 @@ class ChatSession:
             self.out.write("\n")
             print("[answer cancelled]", file=self.err, flush=True)
             return None
-        except (EngineError, UnknownExpertError, ValueError) as exc:
+        except (CoeError, ValueError) as exc:
+            # One failed answer ends neither the chat nor a piped run (it sets the exit status);
+            # ValueError: what the lower layers still raise for a request they refuse.
             self.out.write("\n")
             print(f"error: {exc}", file=self.err, flush=True)
             return None
@@ -151,7 +155,7 @@ class ChatSession:
                 continue
             if self.answer(line, keep_history=False, header_to=self.err) is None:
                 failures += 1
-        return 1 if failures else 0
+        return EXIT_FAILED if failures else 0
 
     def run_interactive(self) -> int:
         history_file = coe_home() / "chat_history"

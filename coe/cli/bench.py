@@ -1,0 +1,404 @@
+"""`coe bench`: every benchmark. Each prints its figure beside a reference measured in the same
+run; --json prints the figures instead. The measuring is in coe.bench; this module runs it and
+draws the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from coe.cli.runtime import (
+    CliContext,
+    check_expert,
+    fail,
+    load_router,
+    needed_models,
+    open_pool,
+    pass_cli,
+    status,
+)
+
+if TYPE_CHECKING:
+    from coe.bench.engine import EngineBench
+    from coe.bench.host_copy import HostCopyBench
+    from coe.bench.pool import PoolBench
+    from coe.bench.router import RouterBench
+    from coe.bench.swap import SwapBench
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: each prints its figure beside a reference measured in the same run."""
+
+
+@bench.command("engine")
+@click.option("--expert", help="Expert whose engine to measure (default: the fallback's).")
+@click.option("--tokens", default=128, show_default=True, help="New tokens per request.")
+@click.option("--batch", default=16, show_default=True, help="Concurrent requests, batched.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@pass_cli
+def bench_engine(
+    cli: CliContext, expert: str | None, tokens: int, batch: int, as_json: bool
+) -> None:
+    """Engine cold start and decode speed, beside plain transformers on the same model."""
+    from coe.bench.engine import run_engine_bench
+    from coe.models import ensure_models
+    from coe.runtime import BackgroundLoop
+
+    cfg = cli.config
+    check_expert(cfg, expert)
+    name = expert or cfg.fallback_expert
+    ensure_models(needed_models(cfg, [name]))
+    runner = BackgroundLoop()
+    try:
+        with status("measuring (engine start, decoding, then the transformers reference)"):
+            result = runner.run(run_engine_bench(cfg, name, tokens, batch))
+    finally:
+        runner.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_engine(result, name, tokens, batch)
+
+
+@bench.command("swap")
+@click.option("--repeats", default=7, show_default=True, help="HOST → HBM swaps to time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench_swap(repeats: int, as_json: bool) -> None:
+    """Swap-in time of one expert by source tier, beside engine cold start and the copy floor.
+
+    The expert is a seeded variant of the prepared gemma-3-270m (built once under COE_HOME).
+    """
+    from coe.bench.swap import run_swap_bench
+    from coe.engines.vllm_local import VllmOptions
+    from coe.models import prepare_model
+    from coe.models.variants import prepared_variant
+    from coe.runtime import BackgroundLoop
+
+    base = prepare_model("gemma-3-270m")
+    variant = prepared_variant(1)
+    runner = BackgroundLoop()
+    try:
+        options = VllmOptions(cpu_kv_cache_gib=1, max_num_seqs=8)
+        result = runner.run(run_swap_bench(base, variant, options, repeats))
+    finally:
+        runner.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_swap(result, repeats)
+
+
+@bench.command("host-copy")
+@click.option(
+    "--shape", type=click.Choice(["270m", "8b", "tiny"]), default="270m", show_default=True,
+    help="Parameter shapes: gemma-3-270m, Llama-3-8B, or tiny (tests).",
+)  # fmt: skip
+@click.option("--repeats", default=7, show_default=True, help="HOST → HBM swaps to time.")
+@click.option(
+    "--dir", "workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Where to write the two random checkpoints (default: the system's temp folder).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench_host_copy(shape: str, repeats: int, workdir: Path | None, as_json: bool) -> None:
+    """The weight cache's HOST → HBM copy on this machine's GPU (CPU without one), beside the
+    pinned-copy floor of the same bytes and a load from disk; needs torch, not vLLM.
+    """
+    from coe.bench.host_copy import run_host_copy_bench
+
+    result = run_host_copy_bench(shape, repeats, workdir)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_host_copy(result, repeats)
+
+
+@bench.command("pool")
+@click.option(
+    "--experts", "n_experts", default=4, show_default=True, help="Experts sharing one slot."
+)
+@click.option("--requests", default=128, show_default=True, help="Requests in the stream.")
+@click.option("--tokens", default=32, show_default=True, help="Tokens decoded per request.")
+@click.option("--rate", default=16.0, show_default=True, help="Arrivals per second (Poisson).")
+@click.option("--max-wait", default=2.0, show_default=True, help="Scheduler bound (s).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench_pool(
+    n_experts: int,
+    requests: int,
+    tokens: int,
+    rate: float,
+    max_wait: float,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Throughput of a mixed stream over experts sharing one slot: coe's scheduler beside an
+    always-resident single expert (upper bound) and a naive swap-on-every-change baseline."""
+    from coe.bench.pool import run_pool_bench
+    from coe.models import prepare_model
+    from coe.models.variants import prepared_variant
+    from coe.runtime import BackgroundLoop
+
+    if n_experts < 2:
+        raise click.BadParameter("at least 2 experts share the slot", param_hint="--experts")
+    checkpoints = [prepare_model("gemma-3-270m")]
+    checkpoints += [prepared_variant(seed_) for seed_ in range(1, n_experts)]
+    runner = BackgroundLoop()
+    try:
+        result = runner.run(
+            run_pool_bench(
+                checkpoints,
+                requests=requests,
+                tokens=tokens,
+                rate=rate,
+                max_wait_s=max_wait,
+                seed=seed,
+            )
+        )
+    finally:
+        runner.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_pool(result, n_experts, requests, tokens, rate)
+
+
+@bench.command("prompts")
+@click.option("--prompts", "count", default=40, show_default=True, help="Prompts to time.")
+@click.option(
+    "--generated", default=5, show_default=True, help="Prompts whose identity is written."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@pass_cli
+def bench_prompts(cli: CliContext, count: int, generated: int, as_json: bool) -> None:
+    """Latency each prompt strategy adds (static and generated identities, mixture-of-prompts
+    lookup), beside routing latency, in one run. Starts the writer expert's engine."""
+    import tempfile
+
+    from coe.bench.prompts import run_prompts_bench
+    from coe.models import ensure_models
+    from coe.runtime import BackgroundLoop
+
+    cfg = cli.config
+    if cfg.router.path is None:
+        raise click.UsageError("the benchmark needs a router: set router.path in experts.yaml")
+    router = load_router(cfg)
+    fallback = cfg.fallback_expert
+    ensure_models(needed_models(cfg, [fallback]), report=lambda m: None)
+    runner = BackgroundLoop()
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            result = run_prompts_bench(cfg, router, runner, count, generated, Path(work))
+    except ValueError as exc:  # the pool cannot run the benchmark (no writer, no categories)
+        raise click.UsageError(str(exc)) from None
+    finally:
+        runner.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    result.print_table()
+
+
+@bench.command("gateway")
+@click.option("--requests", default=200, show_default=True, help="Requests per measurement.")
+@click.option("--tokens", default=1, show_default=True, help="New tokens per request.")
+@click.option("--max-seconds", default=120.0, show_default=True, help="Stop measuring after.")
+@click.option(
+    "--redis-url",
+    envvar="COE_REDIS_URL",
+    help="Measure with this Redis as the store (env COE_REDIS_URL; default in-process).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@pass_cli
+def bench_gateway(
+    cli: CliContext,
+    requests: int,
+    tokens: int,
+    max_seconds: float,
+    redis_url: str | None,
+    as_json: bool,
+) -> None:
+    """Gateway overhead: the same requests through the HTTP gateway and straight to the
+    engine, interleaved in one run; and the latency of response-cache hits. Loopback only."""
+    from coe.bench.gateway import run_gateway_bench
+
+    cfg = cli.config
+    expert = cfg.fallback_expert
+    with open_pool(cfg, [expert], store_url=redis_url) as pool:
+        result = run_gateway_bench(
+            pool.orchestrator, pool.runner, expert, requests, tokens, max_seconds
+        )
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    result.print_table()
+
+
+@bench.command("router")
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Labelled prompts for the batched run (default: Arena-Hard v2.0 questions).",
+)
+@click.option("--repeats", default=100, show_default=True, help="Single-prompt repeats.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@pass_cli
+def bench_router(cli: CliContext, prompts: Path | None, repeats: int, as_json: bool) -> None:
+    """Routing latency (p50/p99, short and long prompt) and batched throughput, beside plain
+    sentence-transformers on PyTorch in the same run."""
+    from coe.bench.router import run_router_bench
+    from coe.paths import arena_hard_questions
+    from coe.router.data import DataError, read_labelled
+
+    path = prompts or arena_hard_questions()
+    try:
+        rows = read_labelled(path)
+    except DataError as exc:
+        fail(f"{exc} (set COE_EVALDATA or pass --prompts)")
+    result = run_router_bench(load_router(cli.config), rows, repeats)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_router(result, path.name)
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
+def _print_engine(result: EngineBench, name: str, tokens: int, batch: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"engine benchmark: {name} ({tokens} tokens/request)")
+    for col in ("measure", "vLLM engine", "reference: transformers"):
+        table.add_column(col)
+    table.add_row("start / load (s)", f"{result.engine_start_s}", f"{result.reference_load_s}")
+    table.add_row(
+        "single-stream decode (tok/s)",
+        f"{result.single_stream_tok_s}",
+        f"{result.reference_single_stream_tok_s}",
+    )
+    table.add_row(f"batched decode, {batch} requests (tok/s)", f"{result.batched_tok_s}", "")
+    table.add_row("time to first token (s)", f"{result.ttft_s}", "")
+    Console().print(table)
+
+
+def _print_swap(r: SwapBench, repeats: int) -> None:
+    from coe.bench.report import print_table
+
+    floor = f"{r.floor_checkpoint_bytes_s:.4f} ({r.floor_kind}, {r.checkpoint_bytes:,} B)"
+    print_table(
+        f"swap benchmark ({r.device}): {r.checkpoint_bytes / 1e6:,.0f} MB checkpoint",
+        ("measure", "seconds", "note"),
+        [
+            ("engine cold start", f"{r.engine_cold_start_s}", "what a swap costs without a cache"),
+            (
+                "HOST → HBM (engine layout)",
+                f"{r.host_to_hbm_s}",
+                f"median of {repeats}; {r.effective_gb_s} GB/s",
+            ),
+            ("copy floor, same bytes", floor, f"swap / floor = {r.swap_vs_floor}"),
+            (
+                "HOST → HBM (checkpoint layout)",
+                f"{r.host_to_hbm_checkpoint_layout_s}",
+                "first swap-in: vLLM reload_weights",
+            ),
+            ("DISK → HOST", f"{r.disk_to_host_s}", f"page cache {r.page_cache}"),
+            ("DISK → HBM", f"{r.disk_to_hbm_s}", "vLLM reload from the folder"),
+        ],
+    )
+    click.echo(
+        f"cold start / swap: {r.cold_start_vs_swap}x; bytes copied per swap "
+        f"{r.copied_bytes:,} (+{r.rebound_linears} packed linears rebound); "
+        f"answers after swaps match: {r.answers_match}"
+    )
+
+
+def _print_host_copy(r: HostCopyBench, repeats: int) -> None:
+    from coe.bench.report import print_table
+
+    print_table(
+        f"host-copy benchmark ({r.device_name}): {r.shape}, "
+        f"{r.checkpoint_bytes / 1e9:.2f} GB in {r.tensors} tensors",
+        ("measure", "seconds", "note"),
+        [
+            (
+                "HOST → HBM (engine layout)",
+                f"{r.host_to_device_s}",
+                f"median of {repeats}; {r.effective_gb_s} GB/s",
+            ),
+            (
+                "copy floor, same bytes",
+                f"{r.floor_s}",
+                f"{r.floor_kind}, {r.floor_gb_s} GB/s; swap / floor = {r.swap_vs_floor}",
+            ),
+            ("DISK → HBM", f"{r.disk_to_device_s}", "safetensors straight to the device"),
+            ("DISK → HOST", f"{r.disk_to_host_s}", f"pinned; page cache {r.page_cache}"),
+            ("HBM → HOST", f"{r.capture_s}", "capture, once per expert"),
+        ],
+    )
+    click.echo(
+        f"disk load / swap: {r.disk_to_device_vs_swap}x; "
+        f"weights after swaps match: {r.weights_match}"
+    )
+
+
+def _print_pool(result: PoolBench, n_experts: int, requests: int, tokens: int, rate: float) -> None:
+    from coe.bench.report import print_table
+
+    rows = [
+        (m.mode, f"{m.tokens_per_s}", f"{m.p50_latency_s}", f"{m.p95_latency_s}", f"{m.switches}")
+        for m in result.modes.values()
+    ]
+    print_table(
+        f"pool benchmark: {n_experts} experts, 1 slot, {requests} requests x {tokens} tokens, "
+        f"{rate}/s",
+        ("mode", "tokens/s", "p50 latency (s)", "p95 latency (s)", "switches"),
+        rows,
+    )
+    click.echo(
+        f"scheduler / resident = {result.vs_resident:.2f} (target >= 0.8); "
+        f"scheduler / naive = {result.vs_naive:.2f} (target >= 3)"
+    )
+
+
+def _print_router(result: RouterBench, source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r, ref = result.router, result.reference
+    table = Table(title=f"router benchmark ({result.prompts} prompts from {source})")
+    table.add_column("measure")
+    table.add_column(f"router: {r.backend}, {r.max_seq_length} tokens", justify="right")
+    table.add_column(
+        f"reference: sentence-transformers, {ref.max_seq_length} tokens", justify="right"
+    )
+    table.add_column("speed-up", justify="right")
+    table.add_row(
+        f"short prompt ({result.short_prompt_chars} chars) p50 / p99 ms",
+        f"{r.short_p50_ms} / {r.short_p99_ms}",
+        f"{ref.short_p50_ms} / {ref.short_p99_ms}",
+        f"{result.speedup['short_p50']}x",
+    )
+    table.add_row(
+        f"long prompt ({result.long_prompt_chars} chars) p50 / p99 ms",
+        f"{r.long_p50_ms} / {r.long_p99_ms}",
+        f"{ref.long_p50_ms} / {ref.long_p99_ms}",
+        f"{result.speedup['long_p50']}x",
+    )
+    table.add_row(
+        f"batched (batch {result.batch_size}) prompts/s",
+        f"{r.batched_prompts_per_s}",
+        f"{ref.batched_prompts_per_s}",
+        f"{result.speedup['batched']}x",
+    )
+    table.add_row(
+        "accuracy on those prompts (same classifier)",
+        f"{r.batched_accuracy}",
+        f"{ref.batched_accuracy}",
+        "",
+    )
+    Console().print(table)

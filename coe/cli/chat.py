@@ -1,0 +1,51 @@
+"""`coe chat`: chat with the pool on a terminal, or answer a pipe's lines (see chat_session)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from coe.cli.runtime import (
+    CliContext,
+    check_expert,
+    experts_to_start,
+    open_pool,
+    pass_cli,
+    sampling_options,
+)
+
+
+@click.command()
+@click.option("--expert", help="Start with every prompt going to this expert (/auto undoes it).")
+@click.option("--system", help="System prompt for the whole chat (replaces the experts' own).")
+@sampling_options
+@pass_cli
+def chat(
+    cli: CliContext,
+    expert: str | None,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+) -> None:
+    """Chat with the pool. On a terminal: multi-turn, streamed, /help for commands.
+
+    With stdin from a pipe, answers each input line and exits at end of input:
+
+        echo "Name the largest planet." | coe chat
+    """
+    from coe.cli.chat_session import ChatSession
+
+    cfg = cli.config
+    check_expert(cfg, expert)
+    with open_pool(cfg, experts_to_start(cfg, expert)) as pool:
+        session = ChatSession(
+            pool.orchestrator,
+            pool.runner,
+            sampling={"max_tokens": max_tokens, "temperature": temperature},
+        )
+        session.state.expert = expert
+        session.state.system = system
+        interactive = sys.stdin.isatty()
+        code = session.run_interactive() if interactive else session.run_piped(sys.stdin)
+    sys.exit(code)

@@ -1,0 +1,94 @@
+"""`coe serve` (the OpenAI-compatible gateway) and `coe keys new` (its API keys)."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import click
+
+from coe.cli.runtime import EXIT_FAILED, CliContext, fail, open_pool, pass_cli
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (docker stop, systemd) shuts down like Ctrl-C: engines and Redis closed cleanly.
+    raise KeyboardInterrupt
+
+
+@click.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    envvar="COE_HOST",
+    show_default=True,
+    help="Address to bind (env COE_HOST). Beyond loopback, configure API keys.",
+)
+@click.option(
+    "--port", default=8000, envvar="COE_PORT", show_default=True, help="Port (env COE_PORT)."
+)
+@click.option(
+    "--redis-url",
+    envvar="COE_REDIS_URL",
+    help="redis://host:port/db for the shared store (env COE_REDIS_URL; default: store.url "
+    "in experts.yaml, else an in-process store).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["warning", "info", "debug"]),
+    default="warning",
+    show_default=True,
+    help="uvicorn's logging; info adds one access-log line per request.",
+)
+@pass_cli
+def serve(cli: CliContext, host: str, port: int, redis_url: str | None, log_level: str) -> None:
+    """Serve the pool as one OpenAI-compatible model at http://HOST:PORT/v1.
+
+    model "auto" routes each request; an expert's name skips routing; "auto:CATEGORY" uses
+    the category's expert. Also /v1/models, /v1/route, /health and /metrics. API keys come
+    from gateway.api_keys in experts.yaml (hashed) and $COE_API_KEYS (comma-separated).
+    """
+    from coe.gateway.server import GatewayServer, is_loopback
+
+    cfg = cli.config
+    with open_pool(cfg, cfg.expert_names, store_url=redis_url or cfg.store.url) as pool:
+        server = GatewayServer(
+            pool.orchestrator, pool.runner, host=host, port=port, log_level=log_level
+        )
+        if not server.keys.required and not is_loopback(host):
+            click.echo(
+                f"warning: serving on {host} without API keys: anyone who can reach it can "
+                "use the pool. Add gateway.api_keys (coe keys new) or set COE_API_KEYS.",
+                err=True,
+            )
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            server.start()
+        except (OSError, RuntimeError) as exc:
+            fail(f"cannot serve on {host}:{port}: {exc}", EXIT_FAILED)
+        store = (
+            f"Redis {redis_url or cfg.store.url}"
+            if server.store.kind == "redis"
+            else "in-process store"
+        )
+        click.echo(
+            f"coe serve: {server.url}/v1 ({len(cfg.experts)} experts, {store}); Ctrl-C stops",
+            err=True,
+        )
+        server.wait()
+
+
+@click.group()
+def keys() -> None:
+    """API keys of the gateway."""
+
+
+@keys.command("new")
+@click.option("--name", required=True, help="Whose key it is (rate limits and logs use it).")
+def keys_new(name: str) -> None:
+    """Make a key: prints the key once, and the entry for experts.yaml (its hash only)."""
+    from coe.gateway.auth import hash_key, new_key
+
+    key = new_key()
+    click.echo(f"key (give it to the client; it is not stored anywhere): {key}", err=True)
+    click.echo("add under gateway.api_keys in experts.yaml:", err=True)
+    click.echo(f"  - {{name: {name}, sha256: {hash_key(key)}}}")

@@ -12,6 +12,7 @@ import click
 
 from coe.cli_exit import fail
 from coe.config import PoolConfig
+from coe.router.classifiers.registry import CLASSIFIERS
 
 
 def load_router(
@@ -100,7 +101,7 @@ def register(main: click.Group, bench: click.Group, pass_ctx: Any) -> None:
     @click.argument("data", type=click.Path(path_type=Path))
     @click.option("--out", type=click.Path(path_type=Path), required=True, help="Router folder.")
     @click.option(
-        "--kind", type=click.Choice(["logreg", "knn"]), default="logreg", show_default=True
+        "--kind", type=click.Choice(list(CLASSIFIERS)), default="logreg", show_default=True
     )
     @click.option(
         "--embedding-model",

@@ -36,8 +36,12 @@ class Context:
     @property
     def config(self) -> PoolConfig:
         if self._config is None:
+            from coe.prompts.registry import check_strategy_names
+
             try:
-                self._config = load_config(self.config_path)
+                config = load_config(self.config_path)
+                check_strategy_names(config)  # the strategy names live above coe.config
+                self._config = config
             except ConfigError as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)

@@ -1,1 +1,6 @@
-"""Prompt shaping: rendering messages into model input, and (later) per-category strategies."""
+"""Prompt shaping: rendering messages into model input, and per-category strategies.
+
+``base`` (what a strategy is, and the Shaping it returns), ``registry`` (every strategy by name),
+one module per strategy (``none``, ``expert_prompting``, ``mixture_of_prompts``) with their
+machinery (``identity``, ``mixture``), and ``strategies`` (a pool's categories, shaped).
+"""

@@ -29,8 +29,6 @@ PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "experts.yaml"
 # A model reference with this prefix names a model that `coe models prepare` builds under COE_HOME.
 PREPARED_PREFIX = "coe:"
 
-StrategyName = Literal["none", "expert_prompting", "mixture_of_prompts"]
-
 
 class ConfigError(ConfigurationError):
     """experts.yaml is unreadable or invalid. ``problems`` holds one line per problem."""
@@ -122,8 +120,9 @@ class Category(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
     expert: str
-    # How prompts of this category are shaped for the expert (coe/prompts).
-    strategy: StrategyName = "none"
+    # How prompts of this category are shaped for the expert: a name in coe/prompts/registry.py,
+    # which checks it (this layer sits below the strategies and cannot list them).
+    strategy: str = "none"
     # expert_prompting: the category's expert identity, in the second person ("You are ...").
     # Used as is in static mode, and as the fallback in generated mode. None: one written from
     # the description.

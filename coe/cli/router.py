@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from coe.cli.runtime import CliContext, fail, load_router, pass_cli, plain_errors_are_bad_input
+from coe.router.classifiers.registry import CLASSIFIERS
 
 if TYPE_CHECKING:
     from coe.router.artifact import RouterArtifact
@@ -27,7 +28,7 @@ def router() -> None:
 @router.command("fit")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Router folder.")
-@click.option("--kind", type=click.Choice(["logreg", "knn"]), default="logreg", show_default=True)
+@click.option("--kind", type=click.Choice(list(CLASSIFIERS)), default="logreg", show_default=True)
 @click.option(
     "--embedding-model",
     default="sentence-transformers/all-MiniLM-L6-v2",

@@ -99,7 +99,11 @@ class CliContext:
     def config(self) -> PoolConfig:
         # A broken file raises ConfigError (exit 2 through exit_on_error).
         if self._config is None:
-            self._config = load_config(self.config_path)
+            from coe.prompts.registry import check_strategy_names
+
+            config = load_config(self.config_path)
+            check_strategy_names(config)  # the strategy names live above coe.config
+            self._config = config
         return self._config
 
 

@@ -18,7 +18,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from coe.router.artifact import RouterArtifact
 from coe.router.base import Embedder
-from coe.router.classifier import CategoryClassifier, Kind, fit_temperature, softmax
+from coe.router.classifier import CategoryClassifier, fit_temperature, softmax
+from coe.router.classifiers.registry import classifier_kind
 from coe.router.data import LabelledPrompt, category_counts, data_hash, split_heldout
 from coe.router.embed import EmbedderSettings, describe, load_embedder
 from coe.router.finetune import FinetuneSettings, finetune_encoder
@@ -27,48 +28,47 @@ from coe.router.followup import FOLLOWUP, FollowupDetector, with_new_task_opener
 # A fine-tuned router keeps its encoder in this folder, beside router.json.
 ENCODER_DIR = "encoder"
 
-GRID: dict[str, list[dict[str, Any]]] = {
-    "logreg": [{"C": c} for c in (1.0, 3.0, 10.0, 30.0, 100.0)],
-    "knn": [{"k": k} for k in (5, 10, 20, 40)],
-}
-
 
 @dataclass
 class CrossValidation:
     params: dict[str, Any]
-    proba: np.ndarray  # out-of-fold probabilities (calibrated for logreg)
+    proba: np.ndarray  # out-of-fold probabilities (calibrated when the kind gives logits)
     temperature: float
     accuracy: float
     macro_f1: float
 
 
 def _out_of_fold(
-    x: np.ndarray, y: np.ndarray, categories: list[str], kind: Kind, params: dict, folds: int
+    x: np.ndarray, y: np.ndarray, categories: list[str], kind: str, params: dict, folds: int
 ) -> np.ndarray:
-    """Out-of-fold logits (logreg) or probabilities (knn), one row per training prompt."""
+    """Out-of-fold logits (or probabilities, for a kind without logits), one row per training
+    prompt."""
     out = np.zeros((len(y), len(categories)))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
     labels = [categories[i] for i in y]
     for train_idx, test_idx in splitter.split(x, y):
         clf = CategoryClassifier.fit(x[train_idx], [labels[i] for i in train_idx], kind, **params)
         cols = [categories.index(c) for c in clf.categories]
-        part = clf.logits(x[test_idx]) if kind == "logreg" else clf.predict_proba(x[test_idx])
-        if kind == "logreg":
+        if clf.gives_logits:
+            part = clf.logits(x[test_idx])
             out[test_idx] = -1e9  # a class absent from a fold can never be predicted there
+        else:
+            part = clf.predict_proba(x[test_idx])
         out[np.ix_(test_idx, cols)] = part
     return out
 
 
 def cross_validate(
-    x: np.ndarray, labels: list[str], kind: Kind = "logreg", folds: int = 5
+    x: np.ndarray, labels: list[str], kind: str = "logreg", folds: int = 5
 ) -> CrossValidation:
     categories = sorted(set(labels))
     y = np.array([categories.index(c) for c in labels])
+    gives_logits = classifier_kind(kind).gives_logits
     best: CrossValidation | None = None
-    for params in GRID[kind]:
+    for params in classifier_kind(kind).grid:
         raw = _out_of_fold(x, y, categories, kind, params, folds)
-        temperature = fit_temperature(raw, y) if kind == "logreg" else 1.0
-        proba = softmax(raw / temperature) if kind == "logreg" else raw
+        temperature = fit_temperature(raw, y) if gives_logits else 1.0
+        proba = softmax(raw / temperature) if gives_logits else raw
         pred = proba.argmax(1)
         cv = CrossValidation(
             params=params,
@@ -116,7 +116,7 @@ def fit_router(
     rows: list[LabelledPrompt],
     embedder: Embedder,
     *,
-    kind: Kind = "logreg",
+    kind: str = "logreg",
     folds: int = 5,
     fallback_value: float = 0.5,
     source: str = "",
@@ -270,6 +270,7 @@ def fit_finetuned_router(
     x_held = embedder.encode([r.prompt for r in held])
     categories = sorted(counts)
     keep = [tuned.categories.index(c) for c in categories]
+    # The fine-tuned linear head is a logistic regression's coef and intercept.
     classifier = CategoryClassifier.from_arrays(
         {"kind": "logreg", "categories": categories, "params": {"finetuned": True}},
         {"coef": tuned.coef[keep], "intercept": tuned.intercept[keep]},

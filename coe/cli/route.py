@@ -35,15 +35,13 @@ def route(
     messages_file: IO[str] | None,
 ) -> None:
     """Show where PROMPT (or a conversation) would go: category, confidence, expert."""
-    from coe.orchestrator import with_shaping
-    from coe.prompts.strategies import Strategies
+    from coe.orchestrator import Orchestrator
 
     messages = _conversation(prompt, messages_file)
-    router = load_router(cli.config, router_path)
-    decision = router.route(messages)
+    # The orchestrator decides as it would for a request; no engine starts (they start lazily).
+    orchestrator = Orchestrator(cli.config, router=load_router(cli.config, router_path))
     # A broken mixture-of-prompts folder raises MixtureError: exit 2 with its message.
-    shaping = Strategies(cli.config, lambda: router.embedder).describe(decision.category, messages)
-    decision = with_shaping(decision, shaping)
+    decision = orchestrator.describe(orchestrator.route(messages), messages)
     if as_json:
         click.echo(json.dumps(decision.as_dict(), ensure_ascii=False))
         return

@@ -15,11 +15,14 @@ import openai
 import pytest
 
 from coe.cache.pool import EnginePool
-from coe.config import PoolConfig, parse_config
+from coe.config import ConfigError, PoolConfig, parse_config
 from coe.engines.base import EngineError
+from coe.engines.vllm_local import PromptTooLongError
 from coe.gateway.auth import hash_key
+from coe.gateway.errors import from_exception
 from coe.gateway.server import GatewayServer, open_store_on_loop
 from coe.orchestrator import Orchestrator
+from coe.prompts.mixture import MixtureError
 from coe.runtime import BackgroundLoop
 from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage
 
@@ -588,3 +591,61 @@ def test_a_client_that_hangs_up_cancels_its_generation(gw: Running, stream: bool
     while engine.cancelled == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.cancelled == before + 1
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind", "says"),
+    [
+        (
+            EngineError("engine coder died", retryable=True),
+            503,
+            "service_unavailable_error",
+            "expert coder is restarting",
+        ),
+        (
+            EngineError("engine coder failed"),
+            503,
+            "service_unavailable_error",
+            "expert coder could not serve",
+        ),
+        (
+            EngineError("400 from server", invalid_request=True, reason="bad stop"),
+            400,
+            "invalid_request_error",
+            "expert coder refused the request: bad stop",
+        ),
+        (
+            PromptTooLongError("the prompt is 5000 tokens"),
+            400,
+            "invalid_request_error",
+            "the prompt is 5000 tokens",
+        ),
+        (
+            ConfigError("experts.yaml", ["router.path: no such folder"]),
+            500,
+            "server_error",
+            "the server's configuration is broken",
+        ),
+        (
+            MixtureError("regions.npz is missing"),
+            500,
+            "server_error",
+            "prompt strategy could not be loaded",
+        ),
+        (
+            ValueError("the conversation has no user message"),
+            400,
+            "invalid_request_error",
+            "no user message",
+        ),
+    ],
+)
+def test_errors_map_to_the_client_shape_by_kind(
+    error: Exception, status: int, kind: str, says: str
+) -> None:
+    """One mapping from the error hierarchy to OpenAI's shape: the caller's fault is 400, a
+    broken part 503, the operator's files 500, and no internal detail reaches the client."""
+    api = from_exception(error, "coder")
+    assert (api.status, api.body.type) == (status, kind)
+    assert says in api.body.message
+    assert "engine coder" not in api.body.message

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coe.engines.base import EngineError
 from coe.engines.vllm_local import PromptTooLongError
-from coe.errors import BadRequestError, CoeError, UnavailableError
+from coe.errors import BadRequestError, CoeError, ConfigurationError, UnavailableError
 from coe.gateway.schema import ErrorBody, ErrorResponse
 from coe.orchestrator import UnknownModelError
 from coe.prompts.mixture import MixtureError
@@ -95,6 +95,9 @@ def from_exception(exc: BaseException, expert: str) -> APIError:
         return APIError(
             500, "the category's prompt strategy could not be loaded", type="server_error"
         )
+    if isinstance(exc, ConfigurationError):  # the operator's files again: 500, not an outage
+        log.error("the pool's configuration failed a request for expert %s: %s", expert, exc)
+        return APIError(500, "the server's configuration is broken", type="server_error")
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineError) and exc.invalid_request:

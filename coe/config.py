@@ -196,6 +196,21 @@ class RateLimits(_Strict):
     tokens_per_minute: int | None = Field(None, ge=1)
 
 
+class GatewayLimits(RateLimits):
+    """The gateway's default limits (a key without its own gets these), and what every limit
+    does while the store (Redis) does not answer."""
+
+    # open: admit requests unchecked (limits off during the outage). closed: answer 503 with
+    # Retry-After to requests that have limits. None: closed when the gateway has API keys
+    # (here or in $COE_API_KEYS), open when it has none.
+    on_store_error: Literal["open", "closed"] | None = None
+
+    def store_error_policy(self, has_keys: bool) -> Literal["open", "closed"]:
+        if self.on_store_error is not None:
+            return self.on_store_error
+        return "closed" if has_keys else "open"
+
+
 class ApiKey(_Strict):
     """A client key of the gateway. Only its SHA-256 is kept (`coe keys new` makes one)."""
 
@@ -220,7 +235,7 @@ class GatewaySettings(_Strict):
 
     # No keys (here or in $COE_API_KEYS): no authentication, for local use.
     api_keys: list[ApiKey] = []
-    limits: RateLimits = RateLimits()
+    limits: GatewayLimits = GatewayLimits()
     response_cache: ResponseCacheSettings = ResponseCacheSettings()
     # A multi-turn conversation stays with the expert that answered it for this long.
     session_ttl_s: int = Field(3600, ge=1)

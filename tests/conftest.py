@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,23 +84,32 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 class RedisProcess:
     """A real redis-server on a free loopback port, with no persistence; stop() and start() it
-    to simulate an outage (it comes back on the same port, empty)."""
+    to simulate an outage (it comes back on the same port, empty), start(password=...) to bring
+    it back requiring a password, pause() and resume() for a hang (SIGSTOP, SIGCONT)."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.password: str | None = None
+        self.paused = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def url_with(self, password: str) -> str:
+        return f"redis://:{password}@127.0.0.1:{self.port}/0"
+
+    def start(self, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: `make test` installs it (see Makefile)")
         cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+        if password is not None:
+            cmd += ["--requirepass", password]
+        self.password = password
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -111,9 +121,21 @@ class RedisProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.kill()
+            self.proc.kill()  # SIGKILL ends a paused process too
             self.proc.wait(timeout=10)
             self.proc = None
+        self.paused = False
+
+    def pause(self) -> None:
+        """A hang, not a refusal: the port still accepts connections, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
 
 
 @pytest.fixture(scope="session")
@@ -128,10 +150,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 @pytest.fixture
 def redis_up(redis_server: RedisProcess) -> RedisProcess:
-    """The session's Redis, running (a test before may have stopped it)."""
+    """The session's Redis, running, answering and open (a test before may have stopped,
+    paused or password-protected it)."""
+    if redis_server.paused or redis_server.password is not None:
+        redis_server.stop()
     if redis_server.proc is None or redis_server.proc.poll() is not None:
         redis_server.start()
     return redis_server
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, for faults the next tests must not meet."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def coe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ from coe.gateway.server import GatewayServer, open_store_on_loop
 from coe.orchestrator import Orchestrator
 from coe.prompts.mixture import MixtureError
 from coe.runtime import BackgroundLoop
+from coe.store import StoreMisconfiguredError
 from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage
 
 from .conftest import RedisProcess
@@ -488,7 +489,7 @@ def test_health_and_metrics(gw: Running) -> None:
     assert health == {
         "status": "ok",
         "engines": {"coder": True, "writer": True},
-        "store": {"kind": "memory", "healthy": True},
+        "store": {"kind": "memory", "healthy": True, "state": "ok", "problem": None},
     }
     gw.post("/v1/chat/completions", {"model": "coder", "messages": ask("count me")})
     text = httpx.get(gw.base + "/metrics").text
@@ -509,7 +510,8 @@ def test_health_and_metrics(gw: Running) -> None:
 
 
 def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> None:
-    running, runner = start_gateway(gateway_pool(), redis_url=redis_up.url)
+    config = gateway_pool(limits={"on_store_error": "open"})
+    running, runner = start_gateway(config, redis_url=redis_up.url)
     body = {"model": "coder", "messages": ask("through redis"), "temperature": 0}
     try:
         assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "miss"
@@ -517,6 +519,8 @@ def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> Non
         assert httpx.get(running.base + "/health").json()["store"] == {
             "kind": "redis",
             "healthy": True,
+            "state": "ok",
+            "problem": None,
         }
         redis_up.stop()
         r = running.post("/v1/chat/completions", body)
@@ -524,7 +528,9 @@ def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> Non
         assert r.json()["choices"][0]["message"]["content"] == "coder: through redis"
         health = httpx.get(running.base + "/health")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
-        # Limits are off while Redis is away: the limited key passes more than twice.
+        assert health.json()["store"]["state"] == "unreachable"
+        # on_store_error: open: limits are off while Redis is away, the limited key passes
+        # more than twice.
         for _ in range(3):
             assert running.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
         redis_up.start()
@@ -534,6 +540,120 @@ def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> Non
     finally:
         running.server.stop()
         runner.close()
+
+
+def test_limits_fail_closed_while_a_hung_redis_is_away(own_redis: RedisProcess) -> None:
+    """Keys are configured, so on_store_error defaults to closed: while Redis hangs
+    (SIGSTOP), a limited key gets 503 with Retry-After within the store timeout, a key without
+    limits is served; after SIGCONT the limits are checked again."""
+    running, runner = start_gateway(gateway_pool(), redis_url=own_redis.url)
+    body = {"model": "coder", "messages": ask("hung"), "temperature": 0.5}
+    try:
+        assert running.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
+        own_redis.pause()
+        t0 = time.monotonic()
+        r = running.post("/v1/chat/completions", body, key=LIMITED_KEY)
+        # One store timeout (0.5 s) at most, plus the request itself.
+        assert time.monotonic() - t0 < 2.0
+        error = assert_error(r, 503, "store_unavailable")
+        assert error["type"] == "service_unavailable_error"
+        assert int(r.headers["retry-after"]) >= 1
+        t0 = time.monotonic()
+        assert running.post("/v1/chat/completions", body).status_code == 200
+        assert time.monotonic() - t0 < 2.0
+        health = httpx.get(running.base + "/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert health.json()["store"]["state"] == "unreachable"
+        assert (
+            'coe_store_trouble_total{outcome="refused"}'
+            in httpx.get(running.base + "/metrics").text
+        )
+        own_redis.resume()
+        deadline = time.monotonic() + 5
+        while httpx.get(running.base + "/health").json()["status"] != "ok":
+            assert time.monotonic() < deadline, "the gateway did not see Redis come back"
+            time.sleep(0.1)
+        # Limits are checked again, from the bucket that survived the hang (the admission that
+        # timed out may have been counted when Redis woke up and read it).
+        statuses = [
+            running.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code
+            for _ in range(2)
+        ]
+        assert statuses[-1] == 429 and set(statuses) <= {200, 429}
+    finally:
+        own_redis.resume()
+        running.server.stop()
+        runner.close()
+
+
+def test_redis_restarted_with_a_password_is_503_not_an_outage(own_redis: RedisProcess) -> None:
+    """A Redis that answers but refuses the gateway is a misconfiguration: requests that need
+    the store get 503 store_misconfigured (keys with limits or not, on_store_error open or
+    not), /health is 503 and says why; it clears once Redis takes the gateway again."""
+    config = gateway_pool(limits={"on_store_error": "open"})
+    running, runner = start_gateway(config, redis_url=own_redis.url)
+    body = {"model": "coder", "messages": ask("password"), "temperature": 0.5}
+    try:
+        assert running.post("/v1/chat/completions", body).status_code == 200
+        own_redis.stop()
+        own_redis.start(password="now-required")
+        # The old connection is gone (a moment unreachable); the next try meets the password.
+        deadline = time.monotonic() + 5
+        while (r := running.post("/v1/chat/completions", body, key=LIMITED_KEY)).status_code != 503:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        error = assert_error(r, 503, "store_misconfigured")
+        assert "misconfigured" in error["message"] and "127.0.0.1" not in error["message"]
+        assert_error(running.post("/v1/chat/completions", body), 503, "store_misconfigured")
+        assert_error(running.post("/v1/route", {"messages": ask("x")}), 503, "store_misconfigured")
+        assert running.client().models.list().data, "endpoints without the store still answer"
+        health = httpx.get(running.base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        store = health.json()["store"]
+        assert store["state"] == "misconfigured" and not store["healthy"]
+        assert "requires a password" in store["problem"]
+        own_redis.stop()
+        own_redis.start()
+        assert httpx.get(running.base + "/health").json()["status"] == "ok"
+        assert running.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
+    finally:
+        running.server.stop()
+        runner.close()
+
+
+def test_a_wrong_password_at_start_refuses_to_serve(own_redis: RedisProcess) -> None:
+    own_redis.stop()
+    own_redis.start(password="right")
+    runner = BackgroundLoop()
+    try:
+        with pytest.raises(StoreMisconfiguredError) as caught:
+            runner.run(open_store_on_loop(own_redis.url_with("wrong-secret")))
+        assert "user or password" in str(caught.value) and "wrong-secret" not in str(caught.value)
+        # Unreachable is an outage: the gateway starts degraded.
+        own_redis.stop()
+        store = runner.run(open_store_on_loop(own_redis.url))
+        assert store.state == "unreachable"
+        runner.run(store.close())
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize(
+    ("configured", "has_keys", "policy"),
+    [
+        (None, True, "closed"),
+        (None, False, "open"),
+        ("open", True, "open"),
+        ("closed", False, "closed"),
+    ],
+)
+def test_on_store_error_defaults_to_closed_when_keys_are_configured(
+    configured: str | None, has_keys: bool, policy: str
+) -> None:
+    limits = gateway_pool(limits={"on_store_error": configured}).gateway.limits
+    assert limits.store_error_policy(has_keys) == policy
+    with pytest.raises(ConfigError, match="on_store_error"):
+        gateway_pool(limits={"on_store_error": "sometimes"})
 
 
 def test_openai_parameters_coe_cannot_honour_are_named(gw: Running) -> None:

@@ -1,14 +1,25 @@
 """Both stores behave alike: TTL'd bytes and atomic token-bucket rate limits. The Redis store
-runs against a real redis-server, including an outage it must survive and recover from."""
+runs against a real redis-server, including an outage it must survive and recover from, a hang
+it must notice within its timeout, and misconfigurations it must not take for an outage."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis import exceptions as rx
 
-from coe.store import MemoryStore, RedisStore, Store
+from coe.store import (
+    MemoryStore,
+    RedisStore,
+    Store,
+    StoreMisconfiguredError,
+    StoreUnavailableError,
+    redact_url,
+)
+from coe.store.redis_store import classify
 
 from .conftest import RedisProcess
 
@@ -65,20 +76,145 @@ async def test_redis_outage_degrades_and_recovers(redis_up: RedisProcess) -> Non
         await store.set("k", b"v", 60)
         assert await store.get("k") == b"v" and store.healthy
         redis_up.stop()
-        # Down: reads miss, writes drop, requests are admitted past their limit, nothing raises.
+        # Down: reads miss and writes drop without raising; a limit cannot be checked, which
+        # admit says (the gateway's on_store_error decides); a subject without limits passes.
         assert await store.get("k") is None
-        assert not store.healthy
+        assert not store.healthy and store.state == "unreachable"
+        assert store.problem is not None and "ConnectionError" in store.problem
         await store.set("k2", b"v", 60)
-        assert all([(await store.admit("erin", 1, None)).allowed for _ in range(3)])
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.admit("erin", 1, None)
+        assert caught.value.retry_after_s == 0.2
+        assert (await store.admit("erin", None, None)).allowed
         assert not await store.ping()
         redis_up.start()
         await asyncio.sleep(0.3)
         await store.set("k3", b"back", 60)
         assert store.healthy
         assert await store.get("k3") == b"back"
-        assert await store.ping()
+        assert await store.ping() and store.state == "ok" and store.problem is None
     finally:
         await store.close()
+
+
+async def test_a_hung_redis_is_noticed_within_the_timeout(own_redis: RedisProcess) -> None:
+    """SIGSTOP: connections are accepted and nothing answers. The client timeout must end
+    each call (one timeout, not the client's retries), and the store recovers on SIGCONT."""
+    store = RedisStore(own_redis.url, timeout_s=0.3, retry_s=0.5)
+    try:
+        assert (await store.admit("gus", 10, None)).allowed
+        own_redis.pause()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            await store.admit("gus", 10, None)
+        assert time.monotonic() - t0 < 0.6
+        assert store.state == "unreachable" and "Timeout" in (store.problem or "")
+        # Within the retry interval nothing waits on Redis again: these answer at once.
+        t0 = time.monotonic()
+        assert await store.get("k") is None
+        with pytest.raises(StoreUnavailableError):
+            await store.admit("gus", 10, None)
+        assert time.monotonic() - t0 < 0.05
+        # Many requests at once after the interval: one of them tries Redis, not all.
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await asyncio.gather(*(store.get(f"k{i}") for i in range(20)))
+        assert time.monotonic() - t0 < 0.6
+        own_redis.resume()
+        assert await store.ping() and store.state == "ok"
+        assert (await store.admit("gus", 10, None)).allowed
+    finally:
+        own_redis.resume()
+        await store.close()
+
+
+async def test_a_wrong_password_is_a_misconfiguration_not_an_outage(
+    own_redis: RedisProcess,
+) -> None:
+    own_redis.stop()
+    own_redis.start(password="right-password")
+    wrong = RedisStore(own_redis.url_with("wrong-password"))
+    missing = RedisStore(own_redis.url)
+    right = RedisStore(own_redis.url_with("right-password"))
+    try:
+        assert not await wrong.ping() and wrong.state == "misconfigured"
+        assert "user or password" in (wrong.problem or "")
+        assert not await missing.ping() and missing.state == "misconfigured"
+        assert "requires a password" in (missing.problem or "")
+        # Reads miss and writes drop, but admission refuses: limits or not.
+        assert await wrong.get("k") is None
+        for limits in ((5, None), (None, None)):
+            with pytest.raises(StoreMisconfiguredError) as caught:
+                await wrong.admit("hal", *limits)
+        message = str(caught.value)
+        assert "misconfigured" in message and "redis://:***@127.0.0.1" in message
+        assert "wrong-password" not in message
+        assert await right.ping() and (await right.admit("hal", 5, None)).allowed
+    finally:
+        for store in (wrong, missing, right):
+            await store.close()
+
+
+async def test_a_missing_permission_and_a_failing_script_are_misconfigurations(
+    redis_up: RedisProcess,
+) -> None:
+    admin = RedisStore(redis_up.url)
+    await admin._client.execute_command(
+        "ACL", "SETUSER", "noscripts", "on", ">pw", "~*", "+@all", "-evalsha", "-eval"
+    )
+    denied = RedisStore(f"redis://noscripts:pw@127.0.0.1:{redis_up.port}/0")
+    try:
+        # The user may GET and SET; admission needs EVALSHA, which it may not run.
+        await denied.set("k", b"v", 60)
+        assert denied.state == "ok"
+        with pytest.raises(StoreMisconfiguredError):
+            await denied.admit("ida", 5, None)
+        assert denied.state == "misconfigured" and "denies a command" in (denied.problem or "")
+        assert not await denied.ping()
+
+        assert admin.state == "ok"
+        assert await admin._call(lambda: admin._client.eval("return redis.call('NOPE')", 0), 0) == 0
+        assert admin.state == "misconfigured" and "script failed" in (admin.problem or "")
+        # Taken back once Redis does what coe needs again.
+        assert await admin.ping() and admin.state == "ok"
+    finally:
+        await admin._client.execute_command("ACL", "DELUSER", "noscripts")
+        await denied.close()
+        await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [
+        (rx.ConnectionError("Connection refused"), "unreachable"),
+        (rx.TimeoutError("Timeout reading"), "unreachable"),
+        (TimeoutError(), "unreachable"),
+        (ConnectionResetError(), "unreachable"),
+        (rx.ReadOnlyError("READONLY You can't write against a read only replica."), "unreachable"),
+        (rx.BusyLoadingError("LOADING Redis is loading the dataset in memory"), "unreachable"),
+        (rx.ResponseError("BUSY Redis is busy running a script."), "unreachable"),
+        (rx.AuthenticationError("invalid username-password pair"), "misconfigured"),
+        (rx.AuthenticationError("NOAUTH Authentication required."), "misconfigured"),
+        (rx.NoPermissionError("NOPERM this user has no permissions"), "misconfigured"),
+        (rx.ResponseError("ERR Error running script"), "misconfigured"),
+        (rx.InvalidResponse("Protocol error"), "misconfigured"),
+        (ValueError("a bug"), None),
+    ],
+)
+def test_errors_are_told_apart_by_whose_move_it_is(error: Exception, state: str | None) -> None:
+    assert classify(error) == state
+
+
+def test_urls_are_shown_without_their_password() -> None:
+    assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact_url("redis://app:s3cret@host/1") == "redis://app:***@host/1"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_an_unusable_url_is_a_misconfiguration() -> None:
+    with pytest.raises(StoreMisconfiguredError) as caught:
+        RedisStore("http://:s3cret@host:6379/0")
+    assert "s3cret" not in str(caught.value)
 
 
 async def test_redis_keeps_a_token_debt_until_it_is_repaid(redis_up: RedisProcess) -> None:

@@ -21,7 +21,14 @@ from coe import __version__
 from coe.gateway import errors, metrics
 from coe.gateway.auth import Client, KeyRing
 from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
-from coe.gateway.errors import invalid, rate_limited, too_large, unauthorized
+from coe.gateway.errors import (
+    invalid,
+    rate_limited,
+    store_misconfigured,
+    store_unavailable,
+    too_large,
+    unauthorized,
+)
 from coe.gateway.schema import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -34,6 +41,7 @@ from coe.gateway.schema import (
     StoreHealth,
 )
 from coe.gateway.service import ChatService
+from coe.store import Store, StoreMisconfiguredError, StoreUnavailableError
 
 T = TypeVar("T")
 
@@ -43,7 +51,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # Every /v1 endpoint may answer these; the chat endpoint adds its own.
-COMMON_ERRORS = _errors(400, 401, 413, 429)
+COMMON_ERRORS = _errors(400, 401, 413, 429, 503)
 bearer = HTTPBearer(auto_error=False, description="An API key, when the gateway has keys.")
 
 
@@ -60,6 +68,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
     app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
     app.add_middleware(RequestMetrics, endpoints=paths)
     store = service.store
+    # What limits do while Redis is away: closed (503) by default once clients need keys.
+    on_store_error = service.settings.limits.store_error_policy(keys.required)
 
     async def client(
         request: Request,
@@ -77,10 +87,22 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         return found
 
     async def limited(found: Annotated[Client, Depends(client)]) -> Client:
+        """Admission: the client's rate limits, and a store that works (every endpoint that
+        uses this one reads or writes the store)."""
         limits = found.limits
-        decision = await store.admit(
-            found.subject, limits.requests_per_minute, limits.tokens_per_minute
-        )
+        try:
+            decision = await store.admit(
+                found.subject, limits.requests_per_minute, limits.tokens_per_minute
+            )
+        except StoreMisconfiguredError as exc:
+            metrics.STORE_TROUBLE.labels("misconfigured").inc()
+            raise store_misconfigured() from exc
+        except StoreUnavailableError as exc:
+            if on_store_error == "open":
+                metrics.STORE_TROUBLE.labels("admitted_unchecked").inc()
+                return found
+            metrics.STORE_TROUBLE.labels("refused").inc()
+            raise store_unavailable(exc.retry_after_s) from exc
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(decision.limit or "requests").inc()
             raise rate_limited(decision.limit, decision.retry_after_s)
@@ -138,13 +160,13 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
-        store_up = await store.ping()
-        metrics.STORE_HEALTHY.set(1 if store_up else 0)
+        store_health = await check_store(store)
         engines = service.engine_readiness()
-        status = "unavailable" if not all(engines.values()) else "ok" if store_up else "degraded"
-        body = HealthResponse(
-            status=status, engines=engines, store=StoreHealth(kind=store.kind, healthy=store_up)
-        )
+        if not all(engines.values()) or store_health.state == "misconfigured":
+            status = "unavailable"
+        else:
+            status = "ok" if store_health.healthy else "degraded"
+        body = HealthResponse(status=status, engines=engines, store=store_health)
         return JSONResponse(body.model_dump(), 503 if status == "unavailable" else 200)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -153,6 +175,14 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def check_store(store: Store) -> StoreHealth:
+    """The store by a live check: unreachable degrades the gateway, misconfigured makes it
+    unavailable (requests that need the store get 503)."""
+    up = await store.ping()
+    metrics.STORE_HEALTHY.set(1 if up else 0)
+    return StoreHealth(kind=store.kind, healthy=up, state=store.state, problem=store.problem)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -74,6 +74,30 @@ def rate_limited(limit: str | None, retry_after_s: float) -> APIError:
     )
 
 
+def store_unavailable(retry_after_s: float) -> APIError:
+    """Rate limits fail closed while the store is away (gateway.limits.on_store_error)."""
+    seconds = max(1, int(retry_after_s + 0.999))
+    return APIError(
+        503,
+        f"Rate limits cannot be checked while the gateway's store is unreachable; retry in "
+        f"{seconds} s",
+        type="service_unavailable_error",
+        code="store_unavailable",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def store_misconfigured() -> APIError:
+    """The store refuses the gateway (the details are in /health and the server's log)."""
+    return APIError(
+        503,
+        "The gateway's store is misconfigured; requests that need it fail until an operator "
+        "fixes it",
+        type="service_unavailable_error",
+        code="store_misconfigured",
+    )
+
+
 def too_large(limit: int) -> APIError:
     return APIError(
         413, f"The request body exceeds {limit} bytes", code="request_too_large", param=None

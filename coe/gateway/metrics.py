@@ -29,3 +29,9 @@ ROUTED = Counter(
 RESPONSE_CACHE = Counter("coe_response_cache", "Response cache lookups.", ["result"])
 RATE_LIMITED = Counter("coe_rate_limited", "Requests refused by a rate limit.", ["limit"])
 STORE_HEALTHY = Gauge("coe_store_healthy", "1 while the store (Redis) answers.")
+STORE_TROUBLE = Counter(
+    "coe_store_trouble",
+    "Requests that met the store unreachable or misconfigured, by what the gateway did: "
+    "admitted_unchecked (on_store_error: open), refused (closed), misconfigured (503).",
+    ["outcome"],
+)

@@ -239,11 +239,15 @@ class RouteResponse(BaseModel):
 class StoreHealth(BaseModel):
     kind: str
     healthy: bool
+    state: Literal["ok", "unreachable", "misconfigured"] = "ok"
+    # Why, while state is not ok (no secrets, no addresses).
+    problem: str | None = None
 
 
 class HealthResponse(BaseModel):
-    # ok: everything up; degraded: serving, but Redis is down (no cache, limits, sessions);
-    # unavailable: an engine is not running.
+    # ok: everything up; degraded: serving, but Redis is unreachable (no cache or sessions,
+    # limits per gateway.limits.on_store_error); unavailable: an engine is not running, or the
+    # store is misconfigured (requests that need it get 503).
     status: Literal["ok", "degraded", "unavailable"]
     engines: dict[str, bool]
     store: StoreHealth

@@ -18,7 +18,7 @@ from coe.gateway.auth import KeyRing, env_keys
 from coe.gateway.service import ChatService
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
-from coe.store import Store, open_store
+from coe.store import RedisStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,22 @@ def build_service(
 
 async def open_store_on_loop(url: str | None) -> Store:
     """The gateway's store, for the orchestrator it serves. Run it on the serving loop: the
-    Redis client binds to the loop it is created on."""
+    Redis client binds to the loop it is created on.
+
+    Raises StoreMisconfiguredError (a ConfigurationError: `coe serve` exits 2) when Redis
+    refuses coe (a wrong or missing password, a permission, a failing script): that will not
+    pass by waiting. An unreachable Redis is an outage: serve degraded until it answers."""
     store = open_store(url)
-    if url and not await store.ping():
-        log.warning("Redis at %s is not answering; serving degraded until it is", url)
+    if isinstance(store, RedisStore) and not await store.ping():
+        if store.state == "misconfigured":
+            error = store.error()
+            await store.close()
+            raise error
+        log.warning(
+            "Redis at %s is not answering (%s); serving degraded until it is",
+            store.display_url,
+            store.problem,
+        )
     return store
 
 

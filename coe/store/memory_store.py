@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from coe.store.base import RateDecision, refill, wait_ms
+from coe.store.base import RateDecision, StoreState, refill, wait_ms
 
 # Oldest entries go first beyond this many keys, so a long-running process stays bounded.
 MAX_ENTRIES = 10_000
@@ -37,6 +37,14 @@ class MemoryStore:
     @property
     def healthy(self) -> bool:
         return True
+
+    @property
+    def state(self) -> StoreState:
+        return "ok"
+
+    @property
+    def problem(self) -> str | None:
+        return None
 
     async def get(self, key: str) -> bytes | None:
         entry = self._data.get(key)

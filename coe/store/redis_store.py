@@ -1,10 +1,14 @@
 """The Redis store (redis.asyncio): shared by every gateway process on the same Redis.
 
 Rate limits are token buckets kept in Redis hashes and updated by Lua scripts, so the check and
-the debit are one atomic step even with many gateway processes. When Redis cannot be reached the
-store degrades instead of failing requests: reads miss, writes are dropped, every request is
-admitted, and ``healthy`` is False. It tries Redis again after ``retry_s``, so it recovers by
-itself once Redis is back.
+the debit are one atomic step even with many gateway processes.
+
+Failures are told apart by whose move it is (``classify``). Redis unreachable (connection lost,
+refused, timed out, a hung server that the client timeout catches): an outage; the store
+degrades (reads miss, writes drop) and tries Redis again every ``retry_s``, so it recovers by
+itself. Redis answering but refusing coe (a wrong or missing password, a permission, a failing
+script): a misconfiguration; the store says so (``state``, ``problem``) and ``admit`` raises,
+so the gateway answers 503 instead of passing it off as an outage.
 """
 
 from __future__ import annotations
@@ -13,11 +17,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis import exceptions as rx
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from coe.store.base import MINUTE_MS, RateDecision
+from coe.store.base import (
+    MINUTE_MS,
+    RateDecision,
+    StoreMisconfiguredError,
+    StoreState,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,10 +89,65 @@ return 1
 """
 )
 
-# Any Redis failure degrades the store rather than failing requests: unreachable, timed out, but
-# also a replica that became read-only after a failover or a server out of memory. Each outage
-# is logged and shown by /health and the coe_store_healthy metric.
-_UNREACHABLE = (RedisError, OSError)
+# Replies that mean "not now" rather than "not you": a replica made read-only by a failover, a
+# server out of memory, loading its data or busy with a script, a cluster between masters.
+_TRANSIENT_REPLIES = (
+    rx.ReadOnlyError,
+    rx.OutOfMemoryError,
+    rx.BusyLoadingError,
+    rx.TryAgainError,
+    rx.ClusterDownError,
+)
+_TRANSIENT_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def classify(exc: BaseException) -> StoreState | None:
+    """Which state a failed Redis call puts the store in; None: not a Redis failure (a bug)."""
+    # Before ConnectionError: redis-py files a refused password under ConnectionError.
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
+        return "misconfigured"
+    if isinstance(exc, rx.AuthenticationWrongNumberOfArgsError):
+        return "misconfigured"
+    if isinstance(exc, _TRANSIENT_REPLIES):
+        return "unreachable"
+    if isinstance(exc, rx.ResponseError):
+        transient = str(exc).startswith(_TRANSIENT_PREFIXES)
+        return "unreachable" if transient else "misconfigured"
+    if isinstance(exc, rx.ConnectionError | rx.TimeoutError | OSError):
+        # OSError covers the builtin TimeoutError (asyncio's too) and refused connections.
+        return "unreachable"
+    if isinstance(exc, rx.RedisError):
+        # An unparseable reply (not a Redis server at that address) or bad client data.
+        return "misconfigured"
+    return None
+
+
+def _misconfiguration(exc: BaseException) -> str:
+    """What the operator should fix, from the error Redis answered (it never echoes secrets)."""
+    said = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, rx.NoPermissionError):
+        return f"Redis denies a command coe needs to its user ({said})"
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
+        # NOAUTH to a command, or (RESP3, redis-py's default) to the HELLO that opens a connection.
+        if any(m in str(exc) for m in ("NOAUTH", "Authentication required", "authenticated")):
+            return f"Redis requires a password and the store URL gives none ({said})"
+        return f"Redis refused the store URL's user or password ({said})"
+    if isinstance(exc, rx.ResponseError) and "script" in str(exc).lower():
+        return f"a rate-limit script failed in Redis ({said})"
+    return f"Redis answered with an error ({said})"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisStore:
@@ -87,42 +155,103 @@ class RedisStore:
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, retry_s: float = 1.0):
         self.url = url
+        self.display_url = redact_url(url)
+        self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self._client = aioredis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        try:
+            self._client = aioredis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                # No retries inside the client: a hung Redis must cost one timeout, not four;
+                # the store does its own retrying, every retry_s.
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as exc:
+            raise StoreMisconfiguredError(f"store URL {self.display_url}: {exc}") from None
         self._admit = self._client.register_script(ADMIT)
         self._charge = self._client.register_script(CHARGE)
-        self._down_since: float | None = None
+        self._state: StoreState = "ok"
+        self._problem: str | None = None
+        self._since = 0.0
         self._next_try = 0.0
 
     @property
     def healthy(self) -> bool:
-        return self._down_since is None
+        return self._state == "ok"
+
+    @property
+    def state(self) -> StoreState:
+        return self._state
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    def error(self) -> StoreMisconfiguredError | StoreUnavailableError:
+        """The error for the store's present trouble (call it when ``state`` is not "ok")."""
+        if self._state == "misconfigured":
+            return StoreMisconfiguredError(
+                f"the store at {self.display_url} is misconfigured: {self._problem}; fix "
+                "store.url in experts.yaml or --redis-url ($COE_REDIS_URL), or Redis"
+            )
+        return StoreUnavailableError(
+            f"the store at {self.display_url} is unreachable: {self._problem}", self.retry_s
+        )
 
     async def _call(self, op: Callable[[], Awaitable[T]], default: T, *, force: bool = False) -> T:
-        if self._down_since is not None and not force and time.monotonic() < self._next_try:
-            return default
+        if self._state != "ok" and not force:
+            now = time.monotonic()
+            if now < self._next_try:
+                return default
+            # This call tries Redis again; the ones meanwhile keep the default, so a hung Redis
+            # costs one timeout per retry interval, not one per request.
+            self._next_try = now + self.retry_s
         try:
             result = await op()
-        except _UNREACHABLE as exc:
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                log.warning(
-                    "Redis at %s failed (%s: %s): serving without response cache, rate limits "
-                    "and sessions until it answers again",
-                    self.url,
-                    type(exc).__name__,
-                    exc,
-                )
-            self._next_try = time.monotonic() + self.retry_s
+        except Exception as exc:
+            state = classify(exc)
+            if state is None:
+                raise
+            self._fail(state, exc)
             return default
-        if self._down_since is not None:
-            log.warning(
-                "Redis at %s is back after %.1f s", self.url, time.monotonic() - self._down_since
-            )
-            self._down_since = None
+        self._recover()
         return result
+
+    def _fail(self, state: StoreState, exc: BaseException) -> None:
+        problem = (
+            _misconfiguration(exc)
+            if state == "misconfigured"
+            else f"{type(exc).__name__}: {exc or 'no answer within the timeout'}"
+        )
+        if state != self._state:
+            self._since = time.monotonic()
+            if state == "misconfigured":
+                log.error(
+                    "Redis at %s is misconfigured: %s. Requests that need the store get 503 "
+                    "until it is fixed",
+                    self.display_url,
+                    problem,
+                )
+            else:
+                log.warning(
+                    "Redis at %s is unreachable (%s): serving without response cache and "
+                    "sessions, rate limits per gateway.limits.on_store_error, until it answers",
+                    self.display_url,
+                    problem,
+                )
+        self._state, self._problem = state, problem
+        self._next_try = time.monotonic() + self.retry_s
+
+    def _recover(self) -> None:
+        if self._state != "ok":
+            log.warning(
+                "Redis at %s answers again (%s for %.1f s)",
+                self.display_url,
+                self._state,
+                time.monotonic() - self._since,
+            )
+            self._state, self._problem = "ok", None
 
     async def get(self, key: str) -> bytes | None:
         return await self._call(lambda: self._client.get(PREFIX + key), None)
@@ -135,12 +264,16 @@ class RedisStore:
         self, subject: str, requests_per_minute: int | None, tokens_per_minute: int | None
     ) -> RateDecision:
         if not requests_per_minute and not tokens_per_minute:
+            if self._state == "misconfigured":
+                await self._call(self._probe, None)  # taken back once it is fixed
+                if self._state == "misconfigured":
+                    raise self.error()
             return RateDecision(True)
         keys = [f"{PREFIX}rate:{{{subject}}}:requests", f"{PREFIX}rate:{{{subject}}}:tokens"]
         args = [_now_ms(), requests_per_minute or 0, tokens_per_minute or 0, BUCKET_TTL_MS]
         reply: Any = await self._call(lambda: self._admit(keys=keys, args=args), None)
-        if reply is None:  # Redis is down: admit
-            return RateDecision(True)
+        if reply is None:
+            raise self.error()
         allowed, wait, limit = int(reply[0]), float(reply[1]), reply[2].decode()
         if allowed:
             return RateDecision(True)
@@ -153,8 +286,15 @@ class RedisStore:
         args = [_now_ms(), tokens_per_minute, tokens, BUCKET_TTL_MS]
         await self._call(lambda: self._charge(keys=keys, args=args), None)
 
+    async def _probe(self) -> bool:
+        """What a request needs: the connection, the password, and the admission script (run
+        with no limits, it reads and writes nothing)."""
+        keys = [f"{PREFIX}rate:{{probe}}:requests", f"{PREFIX}rate:{{probe}}:tokens"]
+        await self._admit(keys=keys, args=[_now_ms(), 0, 0, BUCKET_TTL_MS])
+        return True
+
     async def ping(self) -> bool:
-        return bool(await self._call(self._client.ping, False, force=True))
+        return await self._call(self._probe, False, force=True)
 
     async def close(self) -> None:
         await self._client.aclose()

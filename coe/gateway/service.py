@@ -154,9 +154,9 @@ class ChatService:
         if cached is not None:
             return self._completion(call, cached), decision_headers(cached.decision, "hit")
         plan, streams = await self._plan(call)
-        decision = plan.decision
-        with served_by(decision.expert):
+        with served_by(plan.decision.expert):
             results = await _collect_all(streams)
+        decision = plan.route.decision  # the expert that answered: a fallback, if one did
         answer = Answer(
             decision=decision,
             texts=[text for text, _, _ in results],
@@ -191,10 +191,12 @@ class ChatService:
         if cached is not None:
             return decision_headers(cached.decision, "hit"), sse.replay(call, cached)
         plan, streams = await self._plan(call)
-        decision = plan.decision
-        with served_by(decision.expert):
+        with served_by(plan.decision.expert):
             merged = sse.merge(streams)
             first = await sse.first(merged)
+        # After the first chunk the expert answering is known (a fallback, if one took over);
+        # no other is tried after it, since its text is about to reach the client.
+        decision = plan.route.decision
         cache = self.responses.status(call, decision)
         return decision_headers(decision, cache), self._events(call, decision, cache, first, merged)
 

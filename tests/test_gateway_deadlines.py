@@ -51,7 +51,7 @@ def gw() -> Iterator[Gateway]:
         ],
         "categories": [{"name": "general", "expert": "primary", "fallbacks": ["backup"]}],
         "deadlines": {"first_token_s": FIRST_TOKEN_S, "total_s": TOTAL_S},
-        "gateway": {"response_cache": {"enabled": False}},
+        # Greedy: every answer could be cached (a fallback's must not be).
     }
     config = parse_config(data, "experts.yaml")
     engines = {e.name: FakeEngine(e.name) for e in config.experts}
@@ -136,12 +136,16 @@ def test_the_category_fallback_answers_and_the_headers_say_so(
     gw: Gateway, mode: str, stream: bool
 ) -> None:
     gw.modes(primary=mode)
+    # A question of its own: the answer to it is cached once the primary is back.
+    messages = [{"role": "user", "content": f"hello {mode} {stream}"}]
     t0 = time.monotonic()
     raw = gw.client().chat.completions.with_raw_response.create(
-        model="auto:general", messages=HELLO, stream=stream
+        model="auto:general", messages=messages, stream=stream
     )
     assert raw.headers["x-coe-expert"] == "backup"
     assert raw.headers["x-coe-category"] == "general"
+    # Not kept: once the expert is back, a repeat gets its answer, not the stand-in's.
+    assert raw.headers["x-coe-cache"] == "bypass"
     if stream:
         chunks = list(raw.parse())
         text = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
@@ -152,3 +156,8 @@ def test_the_category_fallback_answers_and_the_headers_say_so(
         assert completion.model == "backup"
     assert text == "backup answers"
     assert time.monotonic() - t0 < BOUND_S
+    gw.modes()
+    back = gw.client().chat.completions.with_raw_response.create(
+        model="auto:general", messages=messages, stream=stream
+    )
+    assert (back.headers["x-coe-expert"], back.headers["x-coe-cache"]) == ("primary", "miss")

@@ -162,11 +162,18 @@ class ChatService:
             texts=[text for text, _, _ in results],
             finish_reasons=[finish for _, finish, _ in results],
             usage=_total_usage([usage for _, _, usage in results]),
-            cache=self.responses.status(call, decision),
+            cache=self._cache_status(call, plan),
         )
         self._account(call, decision.expert, answer.usage)
         await self._keep(call, answer)
         return self._completion(call, answer), decision_headers(decision, answer.cache)
+
+    def _cache_status(self, call: Call, plan: Plan) -> str:
+        """Whether a generated answer is kept: not one a fallback expert gave while the chosen
+        one was down, or repeats would get it after the expert is back."""
+        if plan.route.stood_in:
+            return "bypass"
+        return self.responses.status(call, plan.route.decision)
 
     def _completion(self, call: Call, answer: Answer) -> ChatCompletion:
         return ChatCompletion(
@@ -197,7 +204,7 @@ class ChatService:
         # After the first chunk the expert answering is known (a fallback, if one took over);
         # no other is tried after it, since its text is about to reach the client.
         decision = plan.route.decision
-        cache = self.responses.status(call, decision)
+        cache = self._cache_status(call, plan)
         return decision_headers(decision, cache), self._events(call, decision, cache, first, merged)
 
     async def _events(

@@ -76,6 +76,11 @@ class Route:
     def expert(self) -> str:
         return self._order[self._at]
 
+    @property
+    def stood_in(self) -> bool:
+        """Whether a fallback expert took the request over from the one decided."""
+        return self._at > 0
+
     def failed(self, expert: str, exc: BaseException) -> bool:
         """``expert`` failed a request before its first token. False when no expert is left to
         try; True when the request should go on with ``self.expert``."""

@@ -54,6 +54,28 @@ class Sampling(_Strict):
     seed: int | None = None
 
 
+class Deadlines(_Strict):
+    """How long a request may wait on an expert, in seconds. A request past one is cancelled
+    (aborted in its engine) and answered with an error: 504 for first_token_s and total_s, 503
+    for queue_s. Each expert a request tries (see `fallbacks:`) gets its own."""
+
+    # From asking the expert to its first token: a hung engine is given up on after this.
+    # Generous by default: a lazily started engine loads its model within it.
+    first_token_s: float = Field(120.0, gt=0.0)
+    # From asking the expert to the last token.
+    total_s: float = Field(600.0, gt=0.0)
+    # Waiting in the weight cache's queue for a slot that holds the expert (cache.hbm_bytes).
+    queue_s: float = Field(60.0, gt=0.0)
+
+
+class DeadlineOverrides(_Strict):
+    """An expert's own deadlines; a key left out takes the pool's (top-level `deadlines:`)."""
+
+    first_token_s: float | None = Field(None, gt=0.0)
+    total_s: float | None = Field(None, gt=0.0)
+    queue_s: float | None = Field(None, gt=0.0)
+
+
 class Expert(_Strict):
     """The keys every expert entry has. Each engine kind (coe.engines.registry) adds its own:
     an entry is the ExpertEntry variant its `engine:` names (vllm when absent)."""
@@ -69,6 +91,7 @@ class Expert(_Strict):
     # chat: the model's chat template. qa: a plain Question/Answer transcript, for base models.
     prompt_format: Literal["chat", "qa"] = "chat"
     sampling: Sampling = Sampling()
+    deadlines: DeadlineOverrides = DeadlineOverrides()
     params: int | None = Field(None, ge=1, description="parameter count")
     bytes: int | None = Field(None, ge=1, description="weight bytes at the serving dtype")
 
@@ -129,6 +152,9 @@ class Category(_Strict):
     identity: str | None = None
     # mixture_of_prompts: the folder `coe prompts fit` wrote, relative to experts.yaml.
     prompts: str | None = None
+    # Experts that answer, in this order, when the category's expert fails before its first
+    # token (engine down, a first-token or queue deadline missed). Never after text was sent.
+    fallbacks: list[str] = []
 
 
 class ExpertPromptingSettings(_Strict):
@@ -251,6 +277,8 @@ class PoolConfig(_Strict):
     store: StoreSettings = StoreSettings()
     gateway: GatewaySettings = GatewaySettings()
     strategies: StrategySettings = StrategySettings()
+    # The pool's deadlines; an expert's `deadlines:` overrides any of them.
+    deadlines: Deadlines = Deadlines()
 
     # Set by the loader, not by the file.
     source: Path | None = Field(None, exclude=True)
@@ -266,6 +294,17 @@ class PoolConfig(_Strict):
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def deadlines_for(self, name: str) -> Deadlines:
+        """An expert's deadlines: its own keys, the pool's for the rest."""
+        own = self.expert(name).deadlines.model_dump(exclude_none=True)
+        return self.deadlines.model_copy(update=own)
+
+    def fallbacks_for(self, category: str | None) -> list[str]:
+        """The experts that stand in, in order, for a category's expert that is down."""
+        if category is None or category not in self.category_names:
+            return []
+        return list(self.category(category).fallbacks)
 
     @property
     def expert_names(self) -> list[str]:
@@ -418,6 +457,28 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
                 f"categories[{i}].expert: '{c.expert}' is not a defined expert "
                 f"(defined: {', '.join(experts)})"
             )
+    for i, c in enumerate(cfg.categories):
+        for j, name in enumerate(c.fallbacks):
+            where = f"categories[{i}].fallbacks[{j}]"
+            if name not in experts:
+                problems.append(
+                    f"{where}: '{name}' is not a defined expert (defined: {', '.join(experts)})"
+                )
+            elif name == c.expert:
+                problems.append(f"{where}: '{name}' is the category's own expert")
+            elif name in c.fallbacks[:j]:
+                problems.append(f"{where}: '{name}' is listed twice")
+    # Both deadlines written in one section, the first-token one past the total: a slip (the
+    # total one would always end the request first). A small total_s alone is fine.
+    sections: list[tuple[str, Deadlines | DeadlineOverrides]] = [("deadlines", cfg.deadlines)]
+    sections += [(f"experts[{i}].deadlines", e.deadlines) for i, e in enumerate(cfg.experts)]
+    for where, section in sections:
+        if {"first_token_s", "total_s"} <= section.model_fields_set:
+            first, total = section.first_token_s, section.total_s
+            if first is not None and total is not None and first > total:
+                problems.append(
+                    f"{where}.first_token_s: {first:g} s is longer than total_s ({total:g} s)"
+                )
     key_names = [k.name for k in cfg.gateway.api_keys]
     key_hashes = [k.sha256 for k in cfg.gateway.api_keys]
     for i, key in enumerate(cfg.gateway.api_keys):

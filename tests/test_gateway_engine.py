@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -23,6 +26,7 @@ from .conftest import (
     RedisProcess,
     cli_env,
     free_port,
+    pool_dict,
     wait_for_health,
 )
 
@@ -188,3 +192,81 @@ def test_metrics_count_requests_routing_tokens_and_cache(gateway: str) -> None:
     assert re.search(r'coe_tokens_total\{expert="counter",kind="completion"\} [1-9]', text)
     assert re.search(r'coe_response_cache_total\{result="hit"\} [1-9]', text)
     assert "coe_time_to_first_token_seconds_count" in text
+
+
+# -- a deadline on the real engine: the request ends, and is aborted in the engine ----------------
+
+HURRIED_TOTAL_S = 0.5
+
+
+@dataclass
+class InProcess:
+    url: str
+    orch: Any
+    runner: Any
+
+    def unfinished(self) -> int:
+        """Requests the engine still holds (vLLM's own count)."""
+        engine = self.orch.engines.engine_for("qa")
+
+        async def count() -> int:
+            return int(engine._llm.get_num_unfinished_requests())
+
+        return int(self.runner.run(count()))
+
+
+@pytest.fixture(scope="module")
+def hurried(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess]:
+    """An in-process gateway on one real engine: `qa` must finish within HURRIED_TOTAL_S,
+    `chatty` (the same engine) has the default deadlines."""
+    from coe.config import parse_config
+    from coe.gateway.server import GatewayServer, open_store_on_loop
+    from coe.orchestrator import Orchestrator
+    from coe.runtime import BackgroundLoop
+
+    data = pool_dict()
+    data["experts"][0]["deadlines"] = {"total_s": HURRIED_TOTAL_S}
+    assert data["experts"][0]["name"] == "qa"
+    config = parse_config(data, tmp_path_factory.mktemp("hurried") / "experts.yaml")
+    runner = BackgroundLoop()
+    orch = Orchestrator(config, store=runner.run(open_store_on_loop(None)))
+    server = None
+    try:
+        runner.run(orch.start())
+        server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+        server.start()
+        yield InProcess(server.url, orch, runner)
+    finally:
+        if server is not None:
+            server.stop()
+        runner.run(orch.close())
+        runner.close()
+
+
+def test_a_total_deadline_on_the_real_engine_ends_the_request_and_aborts_it(
+    hurried: InProcess,
+) -> None:
+    aclient = openai.OpenAI(base_url=hurried.url + "/v1", api_key="unused", max_retries=0)
+    long_answer = {"model": "qa", "messages": count_prompt(1), "max_tokens": 900}
+    t0 = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        aclient.chat.completions.create(**long_answer, temperature=0.0)
+    elapsed = time.monotonic() - t0
+    assert caught.value.status_code == 504 and caught.value.code == "total_deadline_exceeded"
+    assert HURRIED_TOTAL_S <= elapsed < HURRIED_TOTAL_S + 10, elapsed
+    # Streamed: some text, then the error as the last event (the openai client raises it).
+    stream = aclient.chat.completions.create(**long_answer, temperature=0.0, stream=True)
+    with pytest.raises(openai.APIError) as streamed:
+        for _ in stream:
+            pass
+    assert streamed.value.code == "total_deadline_exceeded"
+    # Nothing keeps running in the engine: both requests were aborted, not left to finish.
+    deadline = time.monotonic() + 10
+    while hurried.unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hurried.unfinished() == 0
+    # The engine serves the next request (an expert on it without the tight deadline).
+    done = aclient.chat.completions.create(
+        model="chatty", messages=count_prompt(5), max_tokens=8, temperature=0.0
+    )
+    assert done.choices[0].message.content

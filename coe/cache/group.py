@@ -53,6 +53,7 @@ class SlotGroup:
         residency: ResidencyManager,
         *,
         max_wait_s: float = 2.0,
+        queue_s: dict[str, float] | None = None,
     ):
         self.key = key
         self.units = {u.name: u for u in units}
@@ -60,6 +61,8 @@ class SlotGroup:
         self.slots = slots
         self.residency = residency
         self.scheduler = Scheduler(slots, self, max_wait_s=max_wait_s)
+        # Per expert: how long a request may wait in the queue for a slot (None: no limit).
+        self.queue_s = queue_s or {}
         paths = {u.name: u.path for u in units}
         self.host = HostTier(slots, paths, residency, self._busy_units)
         self._start_lock = asyncio.Lock()
@@ -106,7 +109,9 @@ class SlotGroup:
         unit = self.unit_of[expert]
         self.residency.note_request(unit)
         self.prefetch(unit)
-        slot = await self.scheduler.acquire(unit, work=sampling.max_tokens)
+        slot = await self.scheduler.acquire(
+            unit, work=sampling.max_tokens, wait_s=self.queue_s.get(expert), name=expert
+        )
         try:
             if slot.resident != unit:  # the scheduler's promise; never serve the wrong weights
                 raise EngineError(

@@ -158,6 +158,7 @@ def build_groups(
             slots,
             residency,
             max_wait_s=config.cache.max_wait_s,
+            queue_s={name: config.deadlines_for(name).queue_s for name in plan.experts},
         )
         for unit in plan.units:
             residency.owners[unit.name] = group

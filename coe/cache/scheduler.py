@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from coe.cache import metrics
-from coe.engines.base import EngineError
+from coe.engines.base import DeadlineError, EngineError
 
 Policy = Literal["grouped", "arrival"]
 # Added to every switch estimate: a switch also resets the prefix cache and refills the batch.
@@ -88,16 +88,34 @@ class Scheduler:
         self.switches = 0
 
     # --- the caller's side -----------------------------------------------------------------------
-    async def acquire(self, expert: str, work: int = 1) -> SlotLike:
-        """Wait until a slot holds `expert` and admits this request; the caller must `release`."""
+    async def acquire(
+        self, expert: str, work: int = 1, *, wait_s: float | None = None, name: str | None = None
+    ) -> SlotLike:
+        """Wait until a slot holds `expert` and admits this request; the caller must `release`.
+
+        ``wait_s``: the queue deadline. A request not admitted by then leaves the queue and
+        raises DeadlineError("queue") for expert ``name`` (default: ``expert``, the unit)."""
         ticket = Ticket(expert, work, self.clock(), asyncio.get_running_loop().create_future())
         self.queues.setdefault(expert, deque()).append(ticket)
         self._arrivals.append(ticket)
         self._publish(expert)
         self._dispatch()
+        timeout = asyncio.timeout(wait_s)
+        try:
+            async with timeout:
+                return await self._admitted(ticket)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            assert wait_s is not None
+            raise DeadlineError(name or expert, "queue", wait_s) from None
+
+    async def _admitted(self, ticket: Ticket) -> SlotLike:
         try:
             return await ticket.future
         except asyncio.CancelledError:
+            # Cancelled (the caller went away, or its queue deadline passed): give back a slot
+            # granted at the same moment, or leave the queue.
             if ticket.future.done() and not ticket.future.cancelled():
                 if ticket.future.exception() is None:
                     self.release(ticket.future.result())

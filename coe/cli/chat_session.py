@@ -78,12 +78,19 @@ class ChatSession:
         pieces: list[str] = []
 
         async def produce() -> AsyncIterator[tuple[str, Any]]:
-            decision, _prompt, chunks = await self.orch.stream(
+            _, _prompt, chunks = await self.orch.stream(
                 messages, expert=self.state.expert, system=self.state.system, **self.sampling
             )
-            yield ("decision", decision)
+            # The header comes with the first chunk: only then is the expert that answers known
+            # (a fallback expert, when the one chosen was down).
+            announced = False
             async for chunk in chunks:
+                if not announced:
+                    announced = True
+                    yield ("decision", chunks.decision)
                 yield ("chunk", chunk)
+            if not announced:
+                yield ("decision", chunks.decision)
 
         try:
             for kind, item in self.runner.iterate(produce):

@@ -9,7 +9,7 @@ parameters, and stream text deltas. Each stream ends with exactly one chunk that
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Hashable
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,6 +37,34 @@ class EngineError(UnavailableError):
         self.retryable = retryable
         self.invalid_request = invalid_request
         self.reason = reason or message
+
+
+# Which deadline a request missed: its first token, its whole answer, or a slot in the weight
+# cache's queue (experts.yaml: `deadlines.first_token_s`, `total_s`, `queue_s`).
+Deadline = Literal["first_token", "total", "queue"]
+_MISSED = {
+    "first_token": "gave no first token within",
+    "total": "did not finish the answer within",
+    "queue": "had no slot free for the request within",
+}
+
+
+class DeadlineError(EngineError):
+    """An expert missed one of its deadlines; the request was cancelled (aborted in the engine).
+
+    A gateway answers 504 for a missed first token or total, 503 for no slot in time (the
+    request never reached an engine: the pool is full, not slow).
+    """
+
+    http_status = 504
+
+    def __init__(self, expert: str, deadline: Deadline, seconds: float):
+        self.expert = expert
+        self.deadline: Deadline = deadline
+        self.seconds = seconds
+        if deadline == "queue":
+            self.http_status = 503
+        super().__init__(f"expert {expert} {_MISSED[deadline]} {seconds:g} s ({deadline}_s)")
 
 
 @runtime_checkable

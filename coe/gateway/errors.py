@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.engines.base import EngineError
+from coe.engines.base import DeadlineError, EngineError
 from coe.engines.vllm_local import PromptTooLongError
 from coe.errors import BadRequestError, CoeError, ConfigurationError, UnavailableError
 from coe.gateway.schema import ErrorBody, ErrorResponse
@@ -108,6 +108,22 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, type="service_unavailable_error", code="expert_unavailable")
 
 
+def deadline_missed(exc: DeadlineError) -> APIError:
+    """504 for an expert too slow to start or finish its answer; 503 when no slot of the
+    weight cache could take the request in time (the request never ran). The code says which
+    deadline: first_token_deadline_exceeded, total_deadline_exceeded, queue_deadline_exceeded."""
+    code = f"{exc.deadline}_deadline_exceeded"
+    if exc.deadline == "queue":
+        message = (
+            f"no engine could take the request for expert {exc.expert} within "
+            f"{exc.seconds:g} s; retry shortly"
+        )
+        return APIError(503, message, type="service_unavailable_error", code=code)
+    what = "start its answer" if exc.deadline == "first_token" else "finish its answer"
+    message = f"expert {exc.expert} did not {what} within {exc.seconds:g} s"
+    return APIError(504, message, type="timeout_error", code=code)
+
+
 def from_exception(exc: BaseException, expert: str) -> APIError:
     """What the client is told when serving a request for ``expert`` failed."""
     if isinstance(exc, APIError):
@@ -124,6 +140,9 @@ def from_exception(exc: BaseException, expert: str) -> APIError:
         return APIError(500, "the server's configuration is broken", type="server_error")
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, DeadlineError):  # before UnavailableError: it says which deadline
+        log.warning("expert %s missed a deadline: %s", exc.expert, exc)
+        return deadline_missed(exc)
     if isinstance(exc, EngineError) and exc.invalid_request:
         # A remote expert's server refused this request (a 4xx).
         return invalid(f"expert {expert} refused the request: {exc.reason}")

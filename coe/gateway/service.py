@@ -154,19 +154,26 @@ class ChatService:
         if cached is not None:
             return self._completion(call, cached), decision_headers(cached.decision, "hit")
         plan, streams = await self._plan(call)
-        decision = plan.decision
-        with served_by(decision.expert):
+        with served_by(plan.decision.expert):
             results = await _collect_all(streams)
+        decision = plan.route.decision  # the expert that answered: a fallback, if one did
         answer = Answer(
             decision=decision,
             texts=[text for text, _, _ in results],
             finish_reasons=[finish for _, finish, _ in results],
             usage=_total_usage([usage for _, _, usage in results]),
-            cache=self.responses.status(call, decision),
+            cache=self._cache_status(call, plan),
         )
         self._account(call, decision.expert, answer.usage)
         await self._keep(call, answer)
         return self._completion(call, answer), decision_headers(decision, answer.cache)
+
+    def _cache_status(self, call: Call, plan: Plan) -> str:
+        """Whether a generated answer is kept: not one a fallback expert gave while the chosen
+        one was down, or repeats would get it after the expert is back."""
+        if plan.route.stood_in:
+            return "bypass"
+        return self.responses.status(call, plan.route.decision)
 
     def _completion(self, call: Call, answer: Answer) -> ChatCompletion:
         return ChatCompletion(
@@ -191,11 +198,13 @@ class ChatService:
         if cached is not None:
             return decision_headers(cached.decision, "hit"), sse.replay(call, cached)
         plan, streams = await self._plan(call)
-        decision = plan.decision
-        with served_by(decision.expert):
+        with served_by(plan.decision.expert):
             merged = sse.merge(streams)
             first = await sse.first(merged)
-        cache = self.responses.status(call, decision)
+        # After the first chunk the expert answering is known (a fallback, if one took over);
+        # no other is tried after it, since its text is about to reach the client.
+        decision = plan.route.decision
+        cache = self._cache_status(call, plan)
         return decision_headers(decision, cache), self._events(call, decision, cache, first, merged)
 
     async def _events(

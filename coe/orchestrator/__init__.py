@@ -3,7 +3,8 @@
 - orchestrator.py: the Orchestrator (decide, prepare, stream, chat);
 - decisions.py: the decisions no router makes (caller's expert or category, fallback, session);
 - sessions.py: a conversation's expert across turns, kept in the store;
-- prompting.py: the final prompt and sampling an expert gets.
+- prompting.py: the final prompt and sampling an expert gets;
+- generation.py: deadlines on a token stream, fallback experts before the first token.
 """
 
 from coe.orchestrator.decisions import (

@@ -9,9 +9,12 @@ gateway and the evals route alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
+import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from coe.config import Expert, PoolConfig
 from coe.engines.base import EngineError
 from coe.orchestrator import decisions
 from coe.orchestrator.decisions import AUTO, CALLER_REASON, CATEGORY_PREFIX, How
+from coe.orchestrator.generation import Generation, Route, falls_back, within_deadlines
 from coe.orchestrator.prompting import build_prompt, sampling_for, to_messages, with_shaping
 from coe.orchestrator.sessions import Sessions
 from coe.prompts.identity import IdentityWriter
@@ -30,6 +34,8 @@ from coe.router.base import Embedder, Router
 from coe.router.embed import RecentEmbeddings
 from coe.store import MemoryStore, Store
 from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage, collect
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +51,15 @@ class ChatResult:
 @dataclass(frozen=True)
 class Plan:
     """A request decided and shaped: what every choice of it is generated from, so the prompt
-    strategy runs once per request. ``decision`` already carries the shaping's description."""
+    strategy runs once per request. ``decision`` already carries the shaping's description.
+
+    ``route`` is shared by the request's choices: the experts it may fall back to, and the
+    decision as it stands (``route.decision`` names the expert that actually answers)."""
 
     decision: RouteDecision
     shaping: Shaping
     how: How
+    route: Route = field(compare=False, repr=False)
 
 
 class Orchestrator:
@@ -187,7 +197,9 @@ class Orchestrator:
         if prefetch is not None:
             prefetch(decision.expert)
         shaping = await self.shape(decision, messages, system)
-        return Plan(with_shaping(decision, shaping), shaping, how)
+        shaped = with_shaping(decision, shaping)
+        route = Route(shaped, self.config.fallbacks_for(decision.category))
+        return Plan(shaped, shaping, how, route)
 
     async def shape(
         self, decision: RouteDecision, messages: list[Message], system: str | None = None
@@ -227,12 +239,16 @@ class Orchestrator:
         decision: RouteDecision | None = None,
         plan: Plan | None = None,
         **sampling: Any,
-    ) -> tuple[RouteDecision, Prompt, AsyncIterator[Chunk]]:
+    ) -> tuple[RouteDecision, Prompt, Generation]:
         """Decide and shape now; return the decision, the final prompt and the token stream.
 
         A caller that already decided passes ``decision`` (an eval's baseline, a later turn)
         and routing is skipped; one that also shaped passes ``plan`` (from ``prepare``: the
         gateway's several choices of one request) and shaping is skipped too.
+
+        The stream keeps to the expert's deadlines (experts.yaml ``deadlines:``) and, when the
+        expert is down before its first token, goes on with the category's fallback experts:
+        the stream's ``decision`` (and ``plan.route.decision``) then names the one answering.
         """
         msgs = to_messages(messages)
         if not any(m.role == "user" for m in msgs):
@@ -244,25 +260,76 @@ class Orchestrator:
             plan = await self.prepare(decision, msgs, system, how)
         chosen = self.config.expert(plan.decision.expert)
         prompt = build_prompt(chosen, msgs, system, plan.shaping)
-        params = sampling_for(chosen, **sampling)
-        engine = self.engines.engine_for(plan.decision.expert)
-        return plan.decision, prompt, self._generate(engine, prompt, params, request_id)
+        chunks = self._generate(plan, msgs, system, sampling, request_id)
+        return plan.decision, prompt, Generation(plan.route, chunks)
 
     async def _generate(
-        self, engine: Any, prompt: Prompt, params: SamplingParams, request_id: str | None
-    ) -> AsyncIterator[Chunk]:
-        # A request that fails because its engine died is retried once on the restarted engine,
-        # but only if nothing reached the caller yet: a half-streamed answer cannot be redone.
-        for attempt in range(2):
+        self,
+        plan: Plan,
+        messages: list[Message],
+        system: str | None,
+        sampling: dict[str, Any],
+        request_id: str | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """The answer from the route's expert; if it fails before its first token, from the
+        next one (a fallback gets the prompt and sampling of its own entry). Never once text
+        has reached the caller: a half-streamed answer cannot be redone."""
+        route = plan.route
+        for attempt in itertools.count():
+            expert = route.expert
+            chosen = self.config.expert(expert)
+            prompt = build_prompt(chosen, messages, system, plan.shaping)
+            params = sampling_for(chosen, **sampling)
+            # A fresh id per attempt: the aborted one may still be on its way out of an engine
+            # the next expert shares.
+            rid = request_id if attempt == 0 or request_id is None else f"{request_id}-{attempt}"
             produced = False
+            answer = self._expert_stream(expert, prompt, params, rid)
             try:
-                async for chunk in engine.stream(prompt, params, request_id):
-                    produced = True
-                    yield chunk
+                async with contextlib.aclosing(answer) as chunks:  # type: ignore[type-var]
+                    async for chunk in chunks:
+                        produced = True
+                        yield chunk
                 return
             except EngineError as exc:
-                if produced or not exc.retryable or attempt == 1:
+                if produced or not falls_back(exc) or not route.failed(expert, exc):
                     raise
+                log.warning(
+                    "request %s: expert %s failed before its first token, %s answers: %s",
+                    rid,
+                    expert,
+                    route.expert,
+                    exc,
+                )
+
+    async def _expert_stream(
+        self, expert: str, prompt: Prompt, params: SamplingParams, request_id: str | None
+    ) -> AsyncIterator[Chunk]:
+        """One expert's answer within its deadlines. A request that fails because the engine
+        died is retried once on the restarted engine, within the same deadlines, if nothing
+        reached the caller yet."""
+        engine = self.engines.engine_for(expert)
+        attempts = 2
+
+        async def tries() -> AsyncIterator[Chunk]:
+            for attempt in range(attempts):
+                produced = False
+                # aclosing: a caller that stops reading aborts the request in the engine now.
+                stream = engine.stream(prompt, params, request_id)
+                try:
+                    async with contextlib.aclosing(stream) as chunks:  # type: ignore[type-var]
+                        async for chunk in chunks:
+                            produced = True
+                            yield chunk
+                    return
+                except EngineError as exc:
+                    if produced or not exc.retryable or attempt == attempts - 1:
+                        raise
+
+        limited = within_deadlines(tries(), expert, self.config.deadlines_for(expert))
+        async with contextlib.aclosing(limited) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                yield chunk
 
     async def chat(
         self,
@@ -279,7 +346,7 @@ class Orchestrator:
         )
         completion = await collect(chunks)
         return ChatResult(
-            decision=decision,
+            decision=chunks.decision,  # the expert that answered (a fallback, if one did)
             text=completion.text,
             finish_reason=completion.finish_reason,
             usage=completion.usage,

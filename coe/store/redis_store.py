@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from coe.redact import redact_text, redact_url
 from coe.store.base import MINUTE_MS, RateDecision
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class RedisStore:
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, retry_s: float = 1.0):
         self.url = url
+        # What logs and messages show: the URL without its password.
+        self.where = redact_url(url)
         self.retry_s = retry_s
         self._client = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
@@ -111,15 +114,15 @@ class RedisStore:
                 log.warning(
                     "Redis at %s failed (%s: %s): serving without response cache, rate limits "
                     "and sessions until it answers again",
-                    self.url,
+                    self.where,
                     type(exc).__name__,
-                    exc,
+                    redact_text(str(exc)),
                 )
             self._next_try = time.monotonic() + self.retry_s
             return default
         if self._down_since is not None:
             log.warning(
-                "Redis at %s is back after %.1f s", self.url, time.monotonic() - self._down_since
+                "Redis at %s is back after %.1f s", self.where, time.monotonic() - self._down_since
             )
             self._down_since = None
         return result

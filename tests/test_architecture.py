@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "coe"
 # Bottom to top. A module may import from its own package, from any package in a lower layer,
 # and from nothing above. Packages that share a layer are independent of each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("types", "errors", "paths", "jsonl", "runtime"),
+    ("types", "errors", "paths", "jsonl", "runtime", "redact"),
     ("engines", "models"),
     ("config",),
     ("cache",),

@@ -1,24 +1,33 @@
-"""`coe keys new`, `coe serve` and `coe bench gateway` as a user runs them: real `coe serve`
-processes on a real Redis, their expert a small OpenAI-compatible server in the test (the
-gateway and the store are the point here, not the model)."""
+"""`coe keys new`, `coe serve`'s refusals and output, and `coe bench gateway` as a user runs
+them: real `coe serve` processes on a real Redis (their expert a small OpenAI-compatible server in
+the test: the gateway and the store are the point there, not the model); and a remote expert
+behind a `vllm serve` that requires a key, as docker-compose.yml runs it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
 
-from coe.gateway.auth import hash_key
+from coe.config import RateLimits
+from coe.gateway.auth import API_KEYS_ENV, MIN_KEY_LENGTH, KeyRing, hash_key, new_key
+from coe.gateway.server import OpenGatewayError, check_exposure
 
 from .conftest import COE, RedisProcess, cli_env, coe, free_port, wait_for_health
 
@@ -26,6 +35,38 @@ BURST_KEY = "coe-burst-key-for-two-gateways"
 TOKENS_KEY = "coe-tokens-key-for-two-gateways"
 BURST_LIMIT = 4  # requests per minute: one back every 15 s, far longer than the burst takes
 TOKEN_LIMIT = 40  # tokens per minute; each answer of the fake server uses 50
+
+
+LONG_KEY = new_key()
+
+
+def remote_pool(tmp_path: Path, **remote: str) -> Path:
+    """A pool of one remote expert: `coe serve` starts it without loading any model."""
+    base = {"base_url": "http://127.0.0.1:9/v1", "model": "far", **remote}
+    data = {
+        "experts": [{"name": "far", "engine": "remote", "remote": base}],
+        "categories": [{"name": "general", "expert": "far"}],
+    }
+    path = tmp_path / "experts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    env = cli_env(**extra)
+    if API_KEYS_ENV not in extra:
+        env.pop(API_KEYS_ENV, None)
+    return env
+
+
+def run_serve(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COE, "--config", str(config), "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=serve_env(**env),
+    )
 
 
 def test_keys_new_prints_the_key_once_and_only_its_hash_for_the_config() -> None:
@@ -36,6 +77,127 @@ def test_keys_new_prints_the_key_once_and_only_its_hash_for_the_config() -> None
     (entry,) = yaml.safe_load(run.stdout)
     assert entry == {"name": "alice", "sha256": hash_key(key.group(1))}
     assert key.group(1) not in run.stdout
+    # Long enough for $COE_API_KEYS: `coe keys new` makes keys the gateway accepts there.
+    assert len(key.group(1)) >= MIN_KEY_LENGTH
+    assert KeyRing.from_settings([], RateLimits(), key.group(1)).required
+
+
+# -- coe serve: refusals before anything starts ------------------------------------------------
+
+
+def test_serve_refuses_to_start_open_on_a_non_loopback_address(tmp_path: Path) -> None:
+    # Refused before the pool opens or a socket is bound: nothing listens on 0.0.0.0 here.
+    started = time.monotonic()
+    run = run_serve(remote_pool(tmp_path), "--host", "0.0.0.0", "--port", str(free_port()))
+    assert run.returncode == 2, run.stderr
+    assert "without API keys" in run.stderr and "--allow-open" in run.stderr
+    assert "coe serve:" not in run.stderr and "starting the expert engine" not in run.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "allow_open", "refused"),
+    [
+        ("0.0.0.0", False, False, True),
+        ("::", False, False, True),
+        ("192.168.1.10", False, False, True),
+        ("gateway.internal", False, False, True),
+        ("0.0.0.0", False, True, False),
+        ("0.0.0.0", True, False, False),
+        ("127.0.0.1", False, False, False),
+        ("::1", False, False, False),
+        ("localhost", False, False, False),
+    ],
+)
+def test_an_open_gateway_beyond_loopback_needs_allow_open(
+    host: str, keys: bool, allow_open: bool, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(OpenGatewayError, match="--allow-open"):
+            check_exposure(host, keys, allow_open)
+    else:
+        check_exposure(host, keys, allow_open)
+
+
+def test_a_short_key_in_the_environment_is_refused_without_showing_it(tmp_path: Path) -> None:
+    short = "coe-short-" + "x" * (MIN_KEY_LENGTH - 11)
+    run = run_serve(
+        remote_pool(tmp_path), "--port", str(free_port()), COE_API_KEYS=f"{LONG_KEY}, {short}"
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"${API_KEYS_ENV}" in run.stderr and "key 2 of 2" in run.stderr
+    assert f"at least {MIN_KEY_LENGTH}" in run.stderr
+    assert short not in run.stderr and LONG_KEY not in run.stderr
+    assert "coe serve:" not in run.stderr
+
+
+# -- coe serve: no password in what it prints ---------------------------------------------------
+
+
+def redis_with_password(workdir: Path, password: str) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: `make test` installs it (see Makefile)")
+    port = free_port()
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+           "no", "--dir", str(workdir), "--requirepass", password]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT), port
+
+
+def serve_until_listening(config: Path, *args: str, **env: str) -> tuple[str, str]:
+    """Start `coe serve`, wait for its startup line, GET /health, stop it with SIGTERM; its
+    output and the /health body."""
+    port = free_port()
+    cmd = [COE, "--config", str(config), "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=serve_env(**env)
+    )
+    try:
+        wait_for_health_line = time.monotonic() + 120
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while time.monotonic() < wait_for_health_line:
+            line = proc.stdout.readline()
+            if not line:
+                break  # it exited
+            lines.append(line)
+            if line.startswith("coe serve:"):
+                break
+        assert any(x.startswith("coe serve:") for x in lines), "".join(lines)
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).text
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+        return "".join(lines) + rest, health
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_never_prints_the_redis_password(tmp_path: Path) -> None:
+    password = "Pw-only-the-operator-knows-42"
+    redis, port = redis_with_password(tmp_path, password)
+    config = remote_pool(tmp_path)
+    try:
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        out, health = serve_until_listening(config, "--redis-url", url)
+        assert f"Redis redis://:***@127.0.0.1:{port}/0" in out
+        assert json.loads(health)["store"] == {
+            "kind": "redis",
+            "healthy": True,
+            "state": "ok",
+            "problem": None,
+        }
+        # Redis away: the warnings name the server, not its password.
+        gone = f"redis://coe:{password}@127.0.0.1:{free_port()}/0"
+        out_gone, _ = serve_until_listening(config, "--redis-url", gone)
+        assert "not answering" in out_gone and "coe:***@127.0.0.1" in out_gone
+        for text in (out, health, out_gone):
+            assert password not in text
+    finally:
+        redis.kill()
+        redis.wait(timeout=10)
 
 
 @pytest.mark.engine
@@ -261,3 +423,95 @@ def test_a_token_limit_is_shared_by_both_gateways(two_gateways: list[str]) -> No
     assert "tokens per minute" in refused.message
     # 11 tokens short at 40 a minute: 16.5 s.
     assert 15 <= int(refused.response.headers["retry-after"]) <= 18
+
+
+# -- a vLLM server that requires a key, as docker-compose.yml runs them -------------------------
+
+VLLM_KEY_ENV = "COE_TEST_VLLM_KEY"
+
+
+@pytest.fixture(scope="module")
+def keyed_vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`vllm serve --api-key` without dev mode: the base URL (no /v1)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-keyed") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env.pop("VLLM_SERVER_DEV_MODE", None)
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "keyed", "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "1024", "--enforce-eager", "--dtype", "bfloat16",
+        "--max-num-seqs", "4", "--gpu-memory-utilization", "0.2", "--api-key", LONG_KEY,
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # The healthcheck docker-compose.yml uses: /health, without the key.
+        wait_for_health(server, base, log_path, "vllm serve --api-key", 420)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.mark.engine
+def test_a_keyed_vllm_server_serves_coe_and_nobody_else(keyed_vllm: str, tmp_path: Path) -> None:
+    auth = {"authorization": f"Bearer {LONG_KEY}"}
+    # /v1 needs the key; /health does not; dev endpoints do not exist, with the key or without.
+    assert httpx.get(keyed_vllm + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(keyed_vllm + "/v1/models", headers=auth, timeout=10).status_code == 200
+    assert httpx.get(keyed_vllm + "/health", timeout=10).status_code == 200
+    for path in ("/collective_rpc", "/sleep", "/reset_prefix_cache"):
+        assert httpx.post(keyed_vllm + path, headers=auth, timeout=10).status_code == 404, path
+    # coe sends the key named by api_key_env (compose: VLLM_API_KEY) and is answered; the same
+    # expert without it is refused by the server, so the key is what let it through.
+    data = {
+        "experts": [
+            {"name": "keyed", "engine": "remote", "max_model_len": 1024,
+             "remote": {"base_url": keyed_vllm + "/v1", "model": "keyed",
+                        "api_key_env": VLLM_KEY_ENV},
+             "sampling": {"temperature": 0.0, "max_tokens": 8}},
+            {"name": "keyless", "engine": "remote", "max_model_len": 1024,
+             "remote": {"base_url": keyed_vllm + "/v1", "model": "keyed"},
+             "sampling": {"temperature": 0.0, "max_tokens": 8}},
+        ],
+        "categories": [{"name": "general", "expert": "keyed"}],
+    }  # fmt: skip
+    config = tmp_path / "experts.yaml"
+    config.write_text(yaml.safe_dump(data))
+    client_key = new_key()
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    env = serve_env(**{VLLM_KEY_ENV: LONG_KEY, API_KEYS_ENV: client_key})
+    cmd = [COE, "--config", str(config), "serve", "--port", str(port)]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    gateway = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(proc, gateway, log_path, "coe serve", 120)
+        url = gateway + "/v1/chat/completions"
+        mine = {"authorization": f"Bearer {client_key}"}
+        ask = [{"role": "user", "content": "Say hi."}]
+        answered = httpx.post(
+            url, json={"model": "keyed", "messages": ask}, headers=mine, timeout=120
+        )
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["choices"][0]["message"]["content"]
+        keyless = httpx.post(
+            url, json={"model": "keyless", "messages": ask}, headers=mine, timeout=120
+        )
+        # A refused key is a misconfiguration (500), not an outage (503).
+        assert keyless.status_code == 500, keyless.text
+        assert keyless.json()["error"]["type"] == "server_error"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert LONG_KEY not in log_path.read_text() and client_key not in log_path.read_text()

@@ -5,10 +5,13 @@ in-process or a real Redis store. The real vLLM engine behind the gateway is tes
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import httpx
 import openai
@@ -22,9 +25,10 @@ from coe.gateway.auth import hash_key
 from coe.gateway.errors import from_exception
 from coe.gateway.server import GatewayServer, open_store_on_loop
 from coe.orchestrator import Orchestrator
+from coe.orchestrator.sessions import Sessions
 from coe.prompts.mixture import MixtureError
 from coe.runtime import BackgroundLoop
-from coe.store import StoreMisconfiguredError
+from coe.store import MemoryStore, StoreMisconfiguredError
 from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage
 
 from .conftest import RedisProcess
@@ -439,6 +443,54 @@ def test_a_session_follows_a_new_task_and_keeps_a_follow_up() -> None:
         runner.close()
 
 
+def test_sessions_belong_to_the_key_that_made_them(gw: Running) -> None:
+    """Key A pins session S (and a conversation) to the coder; key B sending the same session
+    id, or A's whole conversation, is routed on its own and pins nothing of A's."""
+    s = {"x-coe-session": "shared-session-id"}
+    chat = "/v1/chat/completions"
+    a = gw.post(chat, {"model": "auto", "messages": ask("code it"), "temperature": 0.5}, **s)
+    assert a.json()["model"] == "coder"
+    poem = {"model": "auto", "messages": ask("a poem"), "temperature": 0.5}
+    assert gw.post(chat, poem, **s).json()["model"] == "coder", "A's session holds for A"
+    # B, same session id: routed afresh (a poem goes to the writer), not to A's coder.
+    b = gw.post(chat, poem, key=OTHER_KEY, **s)
+    assert b.status_code == 200 and b.json()["model"] == "writer"
+    # B's turn pinned B's session to the writer; A's stays with the coder.
+    assert gw.post(chat, poem, **s).json()["model"] == "coder"
+    assert gw.post(chat, poem, key=OTHER_KEY, **s).json()["model"] == "writer"
+    # A conversation found by its history is A's too. A asks the coder for a poem by name;
+    # A's next turn (model auto) stays with the coder, though routed it would go to the writer.
+    first = ask("a poem about rivers")
+    answer = gw.client().chat.completions.create(model="coder", messages=first, temperature=0.5)
+    history = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "another"},
+    ]
+    mine = gw.client().chat.completions.create(model="auto", messages=history, temperature=0.5)
+    assert mine.model == "coder"
+    # B resending that very history is routed on its own.
+    theirs = gw.client(OTHER_KEY).chat.completions.create(
+        model="auto", messages=history, temperature=0.5
+    )
+    assert theirs.model == "writer"
+
+
+async def test_session_keys_are_scoped_to_their_owner() -> None:
+    store = MemoryStore()
+    sessions = Sessions(store, ["coder", "writer"], ttl_s=60)
+    decision = RouteDecision("coder", "coding", confidence=None, fell_back=False, reason="test")
+    messages = [Message("user", "code it")]
+    await sessions.remember(messages, decision, ["done"], session="s", owner="key:a")
+    follow = [*messages, Message("assistant", "done"), Message("user", "more")]
+    found = await sessions.lookup(follow, "s", owner="key:a")
+    assert found is not None and found.expert == "coder"
+    assert await sessions.lookup(follow, "s", owner="key:b") is None
+    assert await sessions.lookup(follow, "s", owner="") is None
+    # The owner's boundary is part of the key: ("key:a", "s") is not ("key:", "as").
+    assert await sessions.lookup(messages, "as", owner="key:") is None
+
+
 def test_sampled_requests_are_not_cached_unless_asked(gw: Running) -> None:
     body = {"model": "writer", "messages": ask("sampled"), "temperature": 0.9}
     assert gw.post("/v1/chat/completions", body).headers["x-coe-cache"] == "bypass"
@@ -492,7 +544,7 @@ def test_health_and_metrics(gw: Running) -> None:
         "store": {"kind": "memory", "healthy": True, "state": "ok", "problem": None},
     }
     gw.post("/v1/chat/completions", {"model": "coder", "messages": ask("count me")})
-    text = httpx.get(gw.base + "/metrics").text
+    text = httpx.get(gw.base + "/metrics", headers={"authorization": f"Bearer {KEY}"}).text
     for name in (
         "coe_requests_total",
         "coe_request_seconds_bucket",
@@ -504,6 +556,96 @@ def test_health_and_metrics(gw: Running) -> None:
     ):
         assert name in text, name
     assert 'coe_routed_total{category="coding",expert="coder",how="router"}' in text
+
+
+def test_metrics_need_a_key_when_the_gateway_has_keys(gw: Running) -> None:
+    for headers in ({}, {"authorization": "Bearer coe-not-a-key"}):
+        refused = httpx.get(gw.base + "/metrics", headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert "coe_requests_total" not in refused.text
+    # Any valid key reads them, the rate-limited one too (a scrape is not a request it pays).
+    for key in (OTHER_KEY, LIMITED_KEY, LIMITED_KEY, LIMITED_KEY):
+        shown = httpx.get(gw.base + "/metrics", headers={"authorization": f"Bearer {key}"})
+        assert shown.status_code == 200 and "coe_requests_total" in shown.text
+    # /health stays open: load balancers and container healthchecks carry no key.
+    assert httpx.get(gw.base + "/health").status_code == 200
+
+
+def test_metrics_are_open_when_the_gateway_has_no_keys() -> None:
+    config = gateway_pool()
+    open_pool = parse_config(
+        {**config.model_dump(mode="json", exclude_none=True), "gateway": {}}, "experts.yaml"
+    )
+    running, runner = start_gateway(open_pool)
+    try:
+        assert httpx.get(running.base + "/metrics").status_code == 200
+    finally:
+        running.server.stop()
+        runner.close()
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that refuses every key, as vLLM does with --api-key."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def do_POST(self) -> None:
+        Refusing.seen.append(self.headers.get("authorization"))
+        body = json.dumps({"error": "Unauthorized"}).encode()
+        self.send_response(401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_remote_server_refusing_the_key_is_a_500_that_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "vllm-key-" + "s" * 40
+    monkeypatch.setenv("COE_TEST_REMOTE_KEY", secret)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    config = parse_config(
+        {
+            "experts": [
+                {
+                    "name": "far",
+                    "engine": "remote",
+                    "remote": {
+                        "base_url": base_url,
+                        "model": "far",
+                        "api_key_env": "COE_TEST_REMOTE_KEY",
+                    },
+                }
+            ],
+            "categories": [{"name": "general", "expert": "far"}],
+            "gateway": {"api_keys": [{"name": "tester", "sha256": hash_key(KEY)}]},
+        },
+        "experts.yaml",
+    )
+    runner = BackgroundLoop()
+    orch = Orchestrator(config, store=runner.run(open_store_on_loop(None)))
+    runner.run(orch.start(["far"]))
+    gateway = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+    gateway.start()
+    running = Running(gateway, orch)
+    try:
+        r = running.post("/v1/chat/completions", {"model": "far", "messages": ask("hi")})
+        assert Refusing.seen[-1] == f"Bearer {secret}"  # coe sent the key it was given
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert secret not in r.text
+        assert "COE_TEST_REMOTE_KEY" in caplog.text and secret not in caplog.text
+    finally:
+        gateway.stop()
+        runner.run(orch.close())
+        runner.close()
+        server.shutdown()
 
 
 # -- Redis behind the gateway ------------------------------------------------------------------
@@ -566,7 +708,7 @@ def test_limits_fail_closed_while_a_hung_redis_is_away(own_redis: RedisProcess) 
         assert health.json()["store"]["state"] == "unreachable"
         assert (
             'coe_store_trouble_total{outcome="refused"}'
-            in httpx.get(running.base + "/metrics").text
+            in httpx.get(running.base + "/metrics", headers={"authorization": f"Bearer {KEY}"}).text
         )
         own_redis.resume()
         deadline = time.monotonic() + 5

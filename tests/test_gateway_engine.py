@@ -186,7 +186,8 @@ def test_redis_killed_mid_test_the_gateway_answers_and_recovers(
 
 
 def test_metrics_count_requests_routing_tokens_and_cache(gateway: str) -> None:
-    text = httpx.get(gateway + "/metrics", timeout=10).text
+    auth = {"authorization": f"Bearer {KEY}"}  # /metrics is behind the keys
+    text = httpx.get(gateway + "/metrics", headers=auth, timeout=10).text
     assert re.search(r'coe_requests_total\{endpoint="/v1/chat/completions",status="200"\} \d', text)
     assert 'coe_routed_total{category="writing",expert="writer",how="router"}' in text
     assert re.search(r'coe_tokens_total\{expert="counter",kind="completion"\} [1-9]', text)

@@ -5,23 +5,25 @@ it must notice within its timeout, and misconfigurations it must not take for an
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 from redis import exceptions as rx
 
+from coe.gateway.server import open_store_on_loop
+from coe.redact import MASK, redact_text, redact_url
 from coe.store import (
     MemoryStore,
     RedisStore,
     Store,
     StoreMisconfiguredError,
     StoreUnavailableError,
-    redact_url,
 )
 from coe.store.redis_store import classify
 
-from .conftest import RedisProcess
+from .conftest import RedisProcess, free_port
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -233,3 +235,51 @@ async def test_memory_store_forgets_refilled_buckets_beyond_its_size() -> None:
         assert (await store.admit(f"peer-{i}", 6000, None)).allowed
         await asyncio.sleep(0.011)  # 6000/min refills one request in 10 ms
     assert len(store._requests) <= 11
+
+
+# -- no password in what the store logs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw-1@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://user:pw-1@host:6379/0", "redis://user:***@host:6379/0"),
+        ("rediss://user:p@ss:w0rd@host/1", "rediss://user:***@host/1"),
+        ("redis://host:6379/0?password=pw-1&db=2", "redis://host:6379/0?password=***&db=2"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://user@host/0", "redis://user@host/0"),
+        ("http://vllm-coder:8000/v1", "http://vllm-coder:8000/v1"),
+    ],
+)
+def test_redact_url_masks_the_password_and_keeps_where(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_redact_text_masks_urls_bearer_tokens_and_named_secrets() -> None:
+    text = (
+        "Redis at redis://app:pw-1@10.0.0.5:6379/0 failed; sent Authorization: Bearer coe-abc; "
+        "server said: bad key sk-live-123 for http://vllm:8000/v1"
+    )
+    out = redact_text(text, secrets=["sk-live-123", None, ""])
+    for secret in ("pw-1", "coe-abc", "sk-live-123"):
+        assert secret not in out
+    assert "redis://app:***@10.0.0.5:6379/0" in out and f"Bearer {MASK}" in out
+    assert "http://vllm:8000/v1" in out  # a URL without a password is left as it was
+
+
+async def test_store_warnings_name_the_server_without_its_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()  # nothing listens there: the store's outage path logs
+    url = f"redis://coe:Sup3r-Secret-pw@127.0.0.1:{port}/0"
+    caplog.set_level(logging.WARNING)
+    store = await open_store_on_loop(url)
+    try:
+        assert await store.get("k") is None and not store.healthy
+    finally:
+        await store.close()
+    logged = caplog.text
+    assert f"127.0.0.1:{port}" in logged and "coe:***@" in logged
+    assert "Sup3r-Secret-pw" not in logged
+    assert len(caplog.records) >= 2  # "not answering" at start, "failed" on the first call

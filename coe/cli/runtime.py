@@ -20,6 +20,7 @@ import click
 
 from coe.config import PREPARED_PREFIX, PoolConfig, load_config
 from coe.errors import BadRequestError, CoeError
+from coe.redact import redact_text
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -58,7 +59,8 @@ def exit_on_error() -> Iterator[None]:
     try:
         yield
     except CoeError as exc:
-        click.echo(f"error: {exc}", err=True)
+        # An error may quote a store URL or a server's reply: no password reaches the terminal.
+        click.echo(f"error: {redact_text(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)

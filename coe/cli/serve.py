@@ -33,6 +33,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     "in experts.yaml, else an in-process store).",
 )
 @click.option(
+    "--allow-open",
+    is_flag=True,
+    help="Serve without API keys on a non-loopback --host (refused otherwise): anyone who "
+    "can reach the address can use the pool.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["warning", "info", "debug"]),
     default="warning",
@@ -40,34 +46,50 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     help="uvicorn's logging; info adds one access-log line per request.",
 )
 @pass_cli
-def serve(cli: CliContext, host: str, port: int, redis_url: str | None, log_level: str) -> None:
+def serve(
+    cli: CliContext,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    allow_open: bool,
+    log_level: str,
+) -> None:
     """Serve the pool as one OpenAI-compatible model at http://HOST:PORT/v1.
 
     model "auto" routes each request; an expert's name skips routing; "auto:CATEGORY" uses
-    the category's expert. Also /v1/models, /v1/route, /health and /metrics. API keys come
-    from gateway.api_keys in experts.yaml (hashed) and $COE_API_KEYS (comma-separated).
+    the category's expert. Also /v1/models, /v1/route, /health and /metrics (behind the keys).
+    API keys come from gateway.api_keys in experts.yaml (hashed) and $COE_API_KEYS
+    (comma-separated, 32 characters or more). Without keys, only a loopback --host is served,
+    unless --allow-open.
     """
-    from coe.gateway.server import GatewayServer, is_loopback
+    from coe.gateway.auth import KeyRing, env_keys
+    from coe.gateway.server import GatewayServer, check_exposure, is_loopback
+    from coe.redact import redact_url
 
     cfg = cli.config
-    with open_pool(cfg, cfg.expert_names, store_url=redis_url or cfg.store.url) as pool:
-        server = GatewayServer(
-            pool.orchestrator, pool.runner, host=host, port=port, log_level=log_level
+    # Keys and exposure are checked before any model is prepared or engine started: a refusal
+    # comes in a second, not after the minute an engine takes.
+    keys = KeyRing.from_settings(cfg.gateway.api_keys, cfg.gateway.limits, env_keys())
+    check_exposure(host, keys.required, allow_open)
+    if not keys.required and not is_loopback(host):
+        click.echo(
+            f"warning: serving on {host} without API keys (--allow-open): anyone who can reach "
+            "it can use the pool.",
+            err=True,
         )
-        if not server.keys.required and not is_loopback(host):
-            click.echo(
-                f"warning: serving on {host} without API keys: anyone who can reach it can "
-                "use the pool. Add gateway.api_keys (coe keys new) or set COE_API_KEYS.",
-                err=True,
-            )
+    store_url = redis_url or cfg.store.url
+    with open_pool(cfg, cfg.expert_names, store_url=store_url) as pool:
+        server = GatewayServer(
+            pool.orchestrator, pool.runner, host=host, port=port, keys=keys, log_level=log_level
+        )
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.start()
         except (OSError, RuntimeError) as exc:
             fail(f"cannot serve on {host}:{port}: {exc}", EXIT_FAILED)
         store = (
-            f"Redis {redis_url or cfg.store.url}"
-            if server.store.kind == "redis"
+            f"Redis {redact_url(store_url)}"
+            if server.store.kind == "redis" and store_url
             else "in-process store"
         )
         click.echo(

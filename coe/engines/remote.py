@@ -13,6 +13,8 @@ from pydantic import Field
 
 from coe.engines.base import EngineError, EngineOptions, ExpertView, ModelResolver
 from coe.engines.render import format_stops, render_qa
+from coe.errors import ConfigurationError
+from coe.redact import redact_text, redact_url
 from coe.types import Chunk, Prompt, SamplingParams, Usage
 
 
@@ -121,19 +123,39 @@ class RemoteEngine:
         except EngineError:
             raise
         except Exception as exc:  # litellm maps every provider error to its own classes
+            # The message is logged and a refusal's reason reaches the client: neither may
+            # carry the server's key or a password in its URL, whatever litellm quoted.
+            key = [common["api_key"]]
+            if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):
+                # A wrong or missing key is the operator's to fix, not an outage to wait out.
+                raise RemoteKeyError(
+                    self.name,
+                    redact_url(self.options.base_url),
+                    self.options.api_key_env,
+                    redact_text(str(exc), key),
+                ) from exc
             refused = isinstance(exc, litellm.BadRequestError)  # context too long, bad params
             raise EngineError(
-                f"remote expert {self.name} at {self.options.base_url} failed: "
-                f"{type(exc).__name__}: {exc}",
+                f"remote expert {self.name} at {redact_url(self.options.base_url)} failed: "
+                f"{type(exc).__name__}: {redact_text(str(exc), key)}",
                 retryable=_retryable(litellm, exc),
                 invalid_request=refused,
-                reason=str(getattr(exc, "message", exc)) if refused else None,
+                reason=redact_text(str(getattr(exc, "message", exc)), key) if refused else None,
             ) from exc
         self._ready = True
         yield Chunk(text="", finish_reason=finish or "stop", usage=usage or Usage())
 
     async def shutdown(self) -> None:
         self._ready = False
+
+
+class RemoteKeyError(ConfigurationError):
+    """The remote server refused coe's key (401/403): api_key_env unset, wrong or missing."""
+
+    def __init__(self, expert: str, where: str, env: str | None, said: str):
+        source = f"the key in ${env} (api_key_env)" if env else "a request without a key"
+        hint = "" if env else " (set remote.api_key_env)"
+        super().__init__(f"remote expert {expert} at {where} refused {source}{hint}: {said}")
 
 
 def _delta_text(choice: Any) -> str:
@@ -178,7 +200,9 @@ class RemoteKind:
     @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> Hashable:
         assert isinstance(expert, RemoteExpertFields) and expert.remote is not None
-        return ("remote", expert.remote.base_url, expert.remote.model)
+        # The key too: experts on one server with different keys must not share a client.
+        remote = expert.remote
+        return ("remote", remote.base_url, remote.model, remote.api_key_env)
 
     @classmethod
     def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> RemoteEngine:

@@ -155,7 +155,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         body: RouteRequest, found: Annotated[Client, Depends(limited)]
     ) -> RouteResponse:
         """Where a conversation would go, without generating."""
-        decision = await service.route(body.model, [m.to_message() for m in body.messages])
+        messages = [m.to_message() for m in body.messages]
+        decision = await service.route(body.model, messages, owner=found.subject)
         return RouteResponse.model_validate(decision.as_dict())
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -169,8 +170,15 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         body = HealthResponse(status=status, engines=engines, store=store_health)
         return JSONResponse(body.model_dump(), 503 if status == "unavailable" else 200)
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def prometheus() -> Response:
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, **_errors(401)},
+    )
+    async def prometheus(found: Annotated[Client, Depends(client)]) -> Response:
+        """Prometheus metrics, behind the API keys like /v1 (any valid key; not rate-limited,
+        so a scraper never gets a 429): they tell each client's traffic and the pool's load.
+        /health stays open, for load balancers and container healthchecks."""
         metrics.STORE_HEALTHY.set(1 if store.healthy else 0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -20,6 +20,7 @@ from coe.errors import BadRequestError, CoeError, ConfigurationError, Unavailabl
 from coe.gateway.schema import ErrorBody, ErrorResponse
 from coe.orchestrator import UnknownModelError
 from coe.prompts.mixture import MixtureError
+from coe.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,14 @@ def from_exception(exc: BaseException, expert: str) -> APIError:
     if isinstance(exc, UnknownModelError):
         return model_not_found(exc.model, exc.known)
     if isinstance(exc, MixtureError):  # the server's own files: not the client's doing
-        log.error("prompt regions for expert %s could not be used: %s", expert, exc)
+        log.error("prompt regions for expert %s could not be used: %s", expert, _quiet(exc))
         return APIError(
             500, "the category's prompt strategy could not be loaded", type="server_error"
         )
     if isinstance(exc, ConfigurationError):  # the operator's files again: 500, not an outage
-        log.error("the pool's configuration failed a request for expert %s: %s", expert, exc)
+        log.error(
+            "the pool's configuration failed a request for expert %s: %s", expert, _quiet(exc)
+        )
         return APIError(500, "the server's configuration is broken", type="server_error")
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), param="messages", code="context_length_exceeded")
@@ -148,7 +151,7 @@ def from_exception(exc: BaseException, expert: str) -> APIError:
         return invalid(f"expert {expert} refused the request: {exc.reason}")
     if isinstance(exc, UnavailableError):
         # The details (engine names, internal addresses) go to the log, not to the client.
-        log.warning("expert %s failed a request: %s", expert, exc)
+        log.warning("expert %s failed a request: %s", expert, _quiet(exc))
         if getattr(exc, "retryable", False):
             return unavailable(f"expert {expert} is restarting; retry the request shortly")
         return unavailable(f"expert {expert} could not serve the request")
@@ -156,6 +159,11 @@ def from_exception(exc: BaseException, expert: str) -> APIError:
         return invalid(str(exc))
     log.error("unexpected error from expert %s", expert, exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+def _quiet(exc: BaseException) -> str:
+    """An error's text for the log, without passwords in URLs or bearer tokens."""
+    return redact_text(str(exc))
 
 
 @contextlib.contextmanager

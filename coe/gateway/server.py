@@ -13,10 +13,12 @@ from typing import Any
 import uvicorn
 
 from coe.config import PoolConfig
+from coe.errors import ConfigurationError
 from coe.gateway.app import create_app
-from coe.gateway.auth import KeyRing, env_keys
+from coe.gateway.auth import API_KEYS_ENV, KeyRing, env_keys
 from coe.gateway.service import ChatService
 from coe.orchestrator import Orchestrator
+from coe.redact import redact_text
 from coe.runtime import BackgroundLoop
 from coe.store import RedisStore, Store, open_store
 
@@ -30,6 +32,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class OpenGatewayError(ConfigurationError):
+    """Serving without API keys beyond loopback, not asked for with --allow-open."""
+
+    def __init__(self, host: str):
+        super().__init__(
+            f"refusing to serve on {host} without API keys: anyone who can reach it could use "
+            "the pool. Add gateway.api_keys to experts.yaml (coe keys new) or set "
+            f"{API_KEYS_ENV}; or bind 127.0.0.1; or pass --allow-open if that is what you want."
+        )
+
+
+def check_exposure(host: str, keys_required: bool, allow_open: bool) -> None:
+    """Raise OpenGatewayError for an open gateway (no keys) on a non-loopback address, unless
+    the operator allowed it: an open gateway on the network is a choice, never a default."""
+    if not keys_required and not is_loopback(host) and not allow_open:
+        raise OpenGatewayError(host)
 
 
 def build_service(
@@ -128,6 +148,6 @@ class GatewayServer:
         try:
             self._future.result(timeout=15)
         except Exception as exc:  # already stopping: report, do not mask the shutdown
-            log.warning("gateway stopped with %s", exc)
+            log.warning("gateway stopped with %s", redact_text(str(exc)))
         self.runner.run(self.store.close())
         self._future = None

@@ -85,24 +85,26 @@ class ChatService:
         return {name: bool(engines.engine_for(name).ready) for name in self.config.expert_names}
 
     # -- deciding ----------------------------------------------------------------------------
-    async def route(self, model: str, messages: list[Message]) -> RouteDecision:
-        """/v1/route: where a conversation would go and with which strategy, generating
-        nothing (a generated identity shows as its static fallback)."""
-        decision, _ = await self._decide(model, messages)
+    async def route(self, model: str, messages: list[Message], owner: str = "") -> RouteDecision:
+        """/v1/route: where ``owner``'s conversation would go and with which strategy,
+        generating nothing (a generated identity shows as its static fallback)."""
+        decision, _ = await self._decide(model, messages, owner=owner)
         # Mixture-of-prompts embeds the conversation: milliseconds of CPU, off the event loop.
         return await asyncio.to_thread(self.orch.describe, decision, messages)
 
     async def _decide(
-        self, model: str, messages: list[Message], session: str | None = None
+        self, model: str, messages: list[Message], session: str | None = None, owner: str = ""
     ) -> tuple[RouteDecision, How]:
         try:
-            return await self.orch.decide(model, messages, session)
+            return await self.orch.decide(model, messages, session, owner)
         except UnknownModelError as exc:
             raise model_not_found(exc.model, exc.known) from None
 
     async def _plan(self, call: Call) -> tuple[Plan, list[AsyncIterator[Chunk]]]:
         """Decide and shape once; then one stream per choice, all from the same plan."""
-        decision, how = await self._decide(call.request.model, call.messages, call.session)
+        decision, how = await self._decide(
+            call.request.model, call.messages, call.session, call.client.subject
+        )
         metrics.ROUTED.labels(decision.category or "", decision.expert, how).inc()
         with served_by(decision.expert):
             plan = await self.orch.prepare(decision, call.messages, how=how)
@@ -125,13 +127,19 @@ class ChatService:
         answer = await self.responses.get(call)
         if answer is not None:
             # A hit is an answer too: the conversation's next turn stays with this expert.
-            await self.orch.remember(call.messages, answer.decision, answer.texts, call.session)
+            await self._remember(call, answer)
         return answer
 
     async def _keep(self, call: Call, answer: Answer) -> None:
         """After a whole answer: cache it (when it is a "miss") and remember the session."""
         await self.responses.put(call, answer)
-        await self.orch.remember(call.messages, answer.decision, answer.texts, call.session)
+        await self._remember(call, answer)
+
+    async def _remember(self, call: Call, answer: Answer) -> None:
+        # Sessions belong to the client: another key sending the same id starts its own.
+        await self.orch.remember(
+            call.messages, answer.decision, answer.texts, call.session, call.client.subject
+        )
 
     def _account(self, call: Call, expert: str, usage: Usage) -> None:
         """Count the tokens and charge them to the client, also for an answer cut short; in a

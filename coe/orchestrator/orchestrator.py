@@ -143,15 +143,16 @@ class Orchestrator:
         return decisions.chosen_expert(self.config, expert, category=category, reason=reason)
 
     async def decide(
-        self, model: str, messages: list[Message], session: str | None = None
+        self, model: str, messages: list[Message], session: str | None = None, owner: str = ""
     ) -> tuple[RouteDecision, How]:
         """The expert for a request and how it was chosen.
 
         ``model`` is ``auto`` (a sticky session, else the router), an expert's name, or
-        ``auto:CATEGORY``; anything else raises UnknownModelError.
+        ``auto:CATEGORY``; anything else raises UnknownModelError. ``owner`` (the client's
+        subject) scopes the sticky session: only its own sessions are found.
         """
         if model == AUTO:
-            sticky = await self.sessions.lookup(messages, session)
+            sticky = await self.sessions.lookup(messages, session, owner)
             if sticky is not None and not self._tells_new_tasks():
                 return sticky, "session"
             if self.router is None:
@@ -178,9 +179,11 @@ class Orchestrator:
         decision: RouteDecision,
         answers: Iterable[str],
         session: str | None = None,
+        owner: str = "",
     ) -> None:
-        """The conversation's next turn (after any of ``answers``) stays with this expert."""
-        await self.sessions.remember(messages, decision, answers, session)
+        """``owner``'s next turn of the conversation (after any of ``answers``) stays with this
+        expert."""
+        await self.sessions.remember(messages, decision, answers, session, owner)
 
     # -- shaping -----------------------------------------------------------------------------
     async def prepare(

@@ -3,6 +3,10 @@
 A conversation is found two ways: by the session id the caller sends, and by the conversation
 so far (its hash, stored with every answer appended), so a client that resends the whole
 history needs no id. Both live in the store for ``ttl_s``.
+
+Both are scoped to their owner (the gateway's client subject, ``key:NAME``): a session id or a
+conversation is only ever found by the client that made it, so one API key cannot pin, or learn
+the expert of, another key's session by sending the same id or history.
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ def conversation_hash(messages: Sequence[Message]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _session_key(session: str) -> str:
-    return "session:id:" + hashlib.sha256(session.encode()).hexdigest()
+def _scoped(owner: str, value: str) -> str:
+    # The owner's length first: ("ab", "c") and ("a", "bc") must never share a key.
+    return hashlib.sha256(f"{len(owner)}:{owner}{value}".encode()).hexdigest()
 
 
-def _conversation_key(messages: Sequence[Message]) -> str:
-    return "session:conversation:" + conversation_hash(messages)
+def _session_key(owner: str, session: str) -> str:
+    return "session:id:" + _scoped(owner, session)
+
+
+def _conversation_key(owner: str, messages: Sequence[Message]) -> str:
+    return "session:conversation:" + _scoped(owner, conversation_hash(messages))
 
 
 class Sessions:
@@ -36,16 +45,17 @@ class Sessions:
         self.ttl_s = ttl_s
 
     async def lookup(
-        self, messages: Sequence[Message], session: str | None
+        self, messages: Sequence[Message], session: str | None, owner: str = ""
     ) -> RouteDecision | None:
-        """The expert that answered this conversation before, if it is still in the pool."""
+        """The expert that answered this conversation of ``owner``'s before, if it is still in
+        the pool."""
         keys = []
         if session:
-            keys.append(_session_key(session))
+            keys.append(_session_key(owner, session))
         last_user = max(i for i, m in enumerate(messages) if m.role == "user")
         earlier = messages[:last_user]
         if earlier and earlier[-1].role == "assistant":
-            keys.append(_conversation_key(earlier))
+            keys.append(_conversation_key(owner, earlier))
         for key in keys:
             raw = await self.store.get(key)
             if raw is None:
@@ -62,11 +72,13 @@ class Sessions:
         decision: RouteDecision,
         answers: Iterable[str],
         session: str | None = None,
+        owner: str = "",
     ) -> None:
-        """Store the expert for the conversation's next turn (each answer appended to it)."""
+        """Store the expert for ``owner``'s next turn of the conversation (each answer appended
+        to it)."""
         value = json.dumps({"expert": decision.expert, "category": decision.category}).encode()
         for text in dict.fromkeys(answers):  # the client may go on from any choice
             following = [*messages, Message("assistant", text)]
-            await self.store.set(_conversation_key(following), value, self.ttl_s)
+            await self.store.set(_conversation_key(owner, following), value, self.ttl_s)
         if session:
-            await self.store.set(_session_key(session), value, self.ttl_s)
+            await self.store.set(_session_key(owner, session), value, self.ttl_s)

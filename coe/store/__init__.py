@@ -12,7 +12,7 @@ from coe.store.base import (
     StoreUnavailableError,
 )
 from coe.store.memory_store import MemoryStore
-from coe.store.redis_store import RedisStore, redact_url
+from coe.store.redis_store import RedisStore
 
 
 def open_store(url: str | None) -> Store:
@@ -29,5 +29,4 @@ __all__ = [
     "StoreState",
     "StoreUnavailableError",
     "open_store",
-    "redact_url",
 ]

@@ -17,13 +17,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from coe.redact import redact_text, redact_url
 from coe.store.base import (
     MINUTE_MS,
     RateDecision,
@@ -137,19 +137,6 @@ def _misconfiguration(exc: BaseException) -> str:
     return f"Redis answered with an error ({said})"
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class RedisStore:
     kind = "redis"
 
@@ -219,7 +206,7 @@ class RedisStore:
         return result
 
     def _fail(self, state: StoreState, exc: BaseException) -> None:
-        problem = (
+        problem = redact_text(
             _misconfiguration(exc)
             if state == "misconfigured"
             else f"{type(exc).__name__}: {exc or 'no answer within the timeout'}"

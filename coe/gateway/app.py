@@ -31,7 +31,6 @@ from coe.gateway.schema import (
     ModelList,
     RouteRequest,
     RouteResponse,
-    StoreHealth,
 )
 from coe.gateway.service import ChatService
 
@@ -56,7 +55,14 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
-    paths = {"/v1/chat/completions", "/v1/models", "/v1/route", "/health", "/metrics"}
+    paths = {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/route",
+        "/health",
+        "/health/ready",
+        "/metrics",
+    }
     app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
     app.add_middleware(RequestMetrics, endpoints=paths)
     store = service.store
@@ -136,16 +142,19 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         decision = await service.route(body.model, [m.to_message() for m in body.messages])
         return RouteResponse.model_validate(decision.as_dict())
 
-    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-    async def health() -> JSONResponse:
-        store_up = await store.ping()
-        metrics.STORE_HEALTHY.set(1 if store_up else 0)
-        engines = service.engine_readiness()
-        status = "unavailable" if not all(engines.values()) else "ok" if store_up else "degraded"
-        body = HealthResponse(
-            status=status, engines=engines, store=StoreHealth(kind=store.kind, healthy=store_up)
-        )
-        return JSONResponse(body.model_dump(), 503 if status == "unavailable" else 200)
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        """Liveness (200 while the gateway answers) and a summary: each expert's state, the
+        store's; `status` and `ready` sum them up."""
+        return await service.health()
+
+    @app.get(
+        "/health/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}}
+    )
+    async def ready() -> JSONResponse:
+        """Readiness: 503 while an expert the router sends to is down, or the store is."""
+        body = await service.health()
+        return JSONResponse(body.model_dump(), 200 if body.ready else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:

@@ -241,11 +241,21 @@ class StoreHealth(BaseModel):
     healthy: bool
 
 
+class ExpertHealth(BaseModel):
+    state: Literal["up", "down", "starting"]
+    reason: str = Field("", description="why it is not up (or which slots are not), briefly")
+    routed: bool = Field(description="a category's expert: the router sends requests to it")
+
+
 class HealthResponse(BaseModel):
-    # ok: everything up; degraded: serving, but Redis is down (no cache, limits, sessions);
-    # unavailable: an engine is not running.
+    # ok: everything up; degraded: every routed request is served, but Redis is down (no cache,
+    # limits, sessions) or an expert reachable only by name is; unavailable: a routed expert's
+    # engine is down or starting.
     status: Literal["ok", "degraded", "unavailable"]
+    ready: bool = Field(description="every routed expert is up and the store answers")
+    # Per expert: is its engine up (the state and the reason are in `experts`).
     engines: dict[str, bool]
+    experts: dict[str, ExpertHealth]
     store: StoreHealth
 
 

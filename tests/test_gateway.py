@@ -19,7 +19,7 @@ import pytest
 
 from coe.cache.pool import EnginePool
 from coe.config import ConfigError, PoolConfig, parse_config
-from coe.engines.base import EngineError
+from coe.engines.base import EngineError, EngineHealth
 from coe.engines.vllm_local import PromptTooLongError
 from coe.gateway.auth import hash_key
 from coe.gateway.errors import from_exception
@@ -538,11 +538,15 @@ def test_a_conversation_stays_with_its_expert(gw: Running) -> None:
 
 def test_health_and_metrics(gw: Running) -> None:
     health = httpx.get(gw.base + "/health").json()
+    up = {"state": "up", "reason": "", "routed": True}
     assert health == {
         "status": "ok",
+        "ready": True,
         "engines": {"coder": True, "writer": True},
+        "experts": {"coder": up, "writer": up},
         "store": {"kind": "memory", "healthy": True, "state": "ok", "problem": None},
     }
+    assert httpx.get(gw.base + "/health/ready").json() == health
     gw.post("/v1/chat/completions", {"model": "coder", "messages": ask("count me")})
     text = httpx.get(gw.base + "/metrics", headers={"authorization": f"Bearer {KEY}"}).text
     for name in (
@@ -648,6 +652,60 @@ def test_a_remote_server_refusing_the_key_is_a_500_that_never_shows_it(
         server.shutdown()
 
 
+class Scripted(EchoEngine):
+    """An echo engine whose health the test sets."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.state = EngineHealth("up")
+
+    async def health(self) -> EngineHealth:
+        return self.state
+
+
+def test_health_reports_each_expert_and_ready_refuses_while_a_routed_one_is_down() -> None:
+    data = gateway_pool().model_dump(exclude={"gateway", "store"})
+    data["experts"] = [
+        {"name": name, "model": f"/nonexistent/{name}", "system_prompt": name}
+        for name in ("coder", "writer", "spare")  # spare: no category sends to it
+    ]
+    config = parse_config(data, "experts.yaml")
+    runner = BackgroundLoop()
+    engines = EnginePool(config, factory=lambda cfg, expert, name: Scripted(name))
+    orch = Orchestrator(config, engines, router=KeywordRouter())
+    server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+    server.start()
+    spare, coder = engines.engine_for("spare"), engines.engine_for("coder")
+    assert isinstance(spare, Scripted) and isinstance(coder, Scripted)
+
+    def health(path: str = "/health") -> tuple[int, dict]:
+        r = httpx.get(server.url + path, timeout=10)
+        return r.status_code, r.json()
+
+    try:
+        spare.state = EngineHealth("starting", "restarting after a crash")
+        code, body = health()
+        assert code == 200 and (body["status"], body["ready"]) == ("degraded", True)
+        assert body["experts"]["spare"] == {
+            "state": "starting",
+            "reason": "restarting after a crash",
+            "routed": False,
+        }
+        assert body["engines"] == {"coder": True, "writer": True, "spare": False}
+        assert health("/health/ready")[0] == 200  # spare answers only by name
+        coder.state = EngineHealth("down", "the engine process exited")
+        code, body = health()
+        assert code == 200 and (body["status"], body["ready"]) == ("unavailable", False)
+        assert body["experts"]["coder"]["reason"] == "the engine process exited"
+        assert health("/health/ready") == (503, body)
+        coder.state = spare.state = EngineHealth("up")
+        assert health("/health/ready")[1]["status"] == "ok"
+    finally:
+        server.stop()
+        runner.run(orch.close())
+        runner.close()
+
+
 # -- Redis behind the gateway ------------------------------------------------------------------
 
 
@@ -671,12 +729,16 @@ def test_redis_outage_keeps_the_gateway_answering(redis_up: RedisProcess) -> Non
         health = httpx.get(running.base + "/health")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
         assert health.json()["store"]["state"] == "unreachable"
+        # Not ready: a load balancer should prefer a gateway whose store answers.
+        ready = httpx.get(running.base + "/health/ready")
+        assert ready.status_code == 503 and ready.json()["store"]["healthy"] is False
         # on_store_error: open: limits are off while Redis is away, the limited key passes
         # more than twice.
         for _ in range(3):
             assert running.post("/v1/chat/completions", body, key=LIMITED_KEY).status_code == 200
         redis_up.start()
         assert httpx.get(running.base + "/health").json()["status"] == "ok"
+        assert httpx.get(running.base + "/health/ready").status_code == 200
         assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "miss"
         assert running.post("/v1/chat/completions", body).headers["x-coe-cache"] == "hit"
     finally:
@@ -749,8 +811,9 @@ def test_redis_restarted_with_a_password_is_503_not_an_outage(own_redis: RedisPr
         assert_error(running.post("/v1/chat/completions", body), 503, "store_misconfigured")
         assert_error(running.post("/v1/route", {"messages": ask("x")}), 503, "store_misconfigured")
         assert running.client().models.list().data, "endpoints without the store still answer"
-        health = httpx.get(running.base + "/health")
-        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        health = httpx.get(running.base + "/health")  # liveness: the gateway itself answers
+        assert health.status_code == 200 and health.json()["status"] == "unavailable"
+        assert httpx.get(running.base + "/health/ready").status_code == 503
         store = health.json()["store"]
         assert store["state"] == "misconfigured" and not store["healthy"]
         assert "requires a password" in store["problem"]

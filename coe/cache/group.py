@@ -29,7 +29,7 @@ from coe.cache.scheduler import Scheduler
 from coe.cache.signature import SignatureError, architecture_signature
 from coe.cache.slot import Slot
 from coe.cache.tiers import ExpertResidency, Tier
-from coe.engines.base import EngineError
+from coe.engines.base import UP, EngineError, EngineHealth, engine_health
 from coe.types import Chunk, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,61 @@ class SlotGroup:
         paths = {u.name: u.path for u in units}
         self.host = HostTier(slots, paths, residency, self._busy_units)
         self._start_lock = asyncio.Lock()
+        # One boot of a slot at a time: the supervisor and a switch may both find it dead.
+        self._boot_locks = {slot.index: asyncio.Lock() for slot in slots}
+        # Lifecycle only (start ran, shutdown not yet): whether the engines are alive is
+        # their processes' business (health, crashed).
         self.started = False
+        self._stopping = False
+        self.name = key
 
     # --- lifecycle
     async def start(self) -> None:
         async with self._start_lock:
             if self.started:
                 return
+            self._stopping = False
             for slot in self.slots:  # one at a time: two engine starts on few cores thrash
-                await self._boot(slot)
+                await self._boot_if_needed(slot)
             self.started = True
+
+    @property
+    def crashed(self) -> bool:
+        """A slot's engine died after the group started (the supervisor's question)."""
+        return self.started and not self._stopping and any(s.needs_boot for s in self.slots)
+
+    async def restart(self) -> None:
+        """Boot every slot whose engine died, with its boot weights, and let waiting requests
+        in (the supervisor's call)."""
+        for slot in self.slots:
+            if self._stopping:
+                return
+            if slot.needs_boot:
+                log.warning("slot %s of %s restarts its engine", slot.index, self.key)
+                await self._boot_if_needed(slot)
+                self.scheduler.dispatch()
+
+    async def health(self) -> EngineHealth:
+        """Up while any slot's engine is up (any slot can take any of the group's experts);
+        the reason names the slots that are not."""
+        states = [await engine_health(s.engine) for s in self.slots]  # type: ignore[arg-type]
+        if not self.started:
+            if self._start_lock.locked():
+                return EngineHealth("starting")
+            return EngineHealth("down", "stopped" if self._stopping else "not started")
+        down = [(i, h) for i, h in enumerate(states) if not h.up]
+        if not down:
+            return UP
+        if len(down) < len(states):
+            return EngineHealth("up", f"{len(down)} of {len(states)} slots restarting")
+        if any(h.state == "starting" for _, h in down):
+            return EngineHealth("starting", "restarting after a crash")
+        return EngineHealth("down", down[0][1].reason)
+
+    async def _boot_if_needed(self, slot: Slot) -> None:
+        async with self._boot_locks[slot.index]:
+            if slot.needs_boot:
+                await self._boot(slot)
 
     async def _boot(self, slot: Slot) -> None:
         # A fresh engine: whatever the old one's worker held is gone.
@@ -93,6 +138,7 @@ class SlotGroup:
         self.residency.publish()
 
     async def shutdown(self) -> None:
+        self._stopping = True
         if not self.started and not any(s.engine.ready for s in self.slots):
             return
         self.started = False
@@ -139,7 +185,7 @@ class SlotGroup:
     async def make_resident(self, slot: Slot, unit: str) -> None:
         if slot.needs_boot:
             log.warning("slot %s of %s restarts its engine", slot.index, self.key)
-            await self._boot(slot)
+            await self._boot_if_needed(slot)
         if slot.resident == unit:
             return
         record = self.residency[unit]
@@ -229,10 +275,13 @@ class SlotExpertEngine:
 
     @property
     def ready(self) -> bool:
-        return self.group.started
+        return self.group.started and any(s.engine.ready for s in self.group.slots)
 
     async def start(self) -> None:
         await self.group.start()
+
+    async def health(self) -> EngineHealth:
+        return await self.group.health()
 
     def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None

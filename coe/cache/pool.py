@@ -7,6 +7,9 @@ checkpoints (cache.hbm_bytes in experts.yaml).
 
 The weight cache is planned from experts.yaml whatever engines the pool is given: `factory`
 builds plain engines, `slot_factory` the engines the cache runs itself (slots, sleepers).
+
+Once started, the pool's supervisor (supervisor.py) restarts any in-process engine that crashes;
+``health()`` says per expert whether its engine is up, down or starting, and why.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from coe.cache.group import SlotExpertEngine, SlotGroup
 from coe.cache.plan import build_groups, build_sleepers, plan_groups
 from coe.cache.slot import SlotEngineFactory, vllm_slot_engine
 from coe.cache.status import StatusFile
+from coe.cache.supervisor import Supervised, Supervisor
 from coe.config import Expert, PoolConfig
-from coe.engines.base import Engine
+from coe.engines.base import Engine, EngineHealth, engine_health
 from coe.engines.registry import engine_kind
 from coe.errors import ConfigurationError
 
@@ -85,6 +89,10 @@ class EnginePool:
             status = self._status = StatusFile(config.source)
             residency = next(iter(self.groups.values())).residency
             residency.listeners.append(lambda force: status.write(self.cache_status, force))
+        owners = {id(o): o for o in [*self._by_key.values(), *self.groups.values()]}
+        # Engines in this process (plain vLLM engines, slot groups, sleepers); a remote server
+        # is someone else's to restart.
+        self.supervisor = Supervisor(o for o in owners.values() if isinstance(o, Supervised))
 
     def engine_for(self, expert: str) -> Engine:
         return self._for_expert[expert]
@@ -109,6 +117,16 @@ class EnginePool:
         unique = {id(self._owner(n)): self._owner(n) for n in names}
         for owner in unique.values():  # one at a time: two engine starts on 2 cores thrash
             await owner.start()
+        self.supervisor.start()
+
+    async def health(self) -> dict[str, EngineHealth]:
+        """Per expert, its engine's state now (experts sharing an engine ask it once)."""
+        asked: dict[int, asyncio.Task[EngineHealth]] = {}
+        for engine in self._for_expert.values():
+            if id(engine) not in asked:
+                asked[id(engine)] = asyncio.ensure_future(engine_health(engine))
+        await asyncio.gather(*asked.values())
+        return {name: asked[id(e)].result() for name, e in self._for_expert.items()}
 
     def cache_status(self) -> list[dict[str, object]]:
         """Per checkpoint: tier, bytes, hits (weight-cache groups; plain engines are resident)."""
@@ -118,6 +136,8 @@ class EnginePool:
         return rows
 
     async def shutdown(self) -> None:
+        # The supervisor first: it must not restart an engine that is being shut down.
+        await self.supervisor.stop()
         owners = [*self._by_key.values(), *self.groups.values()]
         await asyncio.gather(*(o.shutdown() for o in owners))
         if self._status is not None:

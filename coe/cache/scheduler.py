@@ -128,6 +128,10 @@ class Scheduler:
         assert slot.in_flight >= 0, "released more requests than were admitted"
         self._dispatch()
 
+    def dispatch(self) -> None:
+        """Look at the slots again: one came back from a crash with weights to serve."""
+        self._dispatch()
+
     def waiting(self, expert: str) -> int:
         return len(self.queues.get(expert, ()))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from coe.cache.rpc import WorkerClient
 from coe.cache.tiers import ExpertResidency
+from coe.engines.base import EngineHealth, engine_health
 
 
 @dataclass
@@ -160,9 +161,24 @@ class SleepingExpertEngine:
     def ready(self) -> bool:
         return bool(self.coordinator.engines[self.unit].ready)
 
+    @property
+    def crashed(self) -> bool:
+        """Its engine process died, asleep or awake (the supervisor's question)."""
+        return bool(getattr(self.coordinator.engines[self.unit], "crashed", False))
+
+    async def health(self) -> EngineHealth:
+        # By the process: an engine asleep is alive, and wakes for the next request.
+        return await engine_health(self.coordinator.engines[self.unit])
+
     async def start(self) -> None:
         await self.coordinator.acquire(self.unit)  # starts (or wakes) the engine
         await self.coordinator.release(self.unit)
+
+    async def restart(self) -> None:
+        """Through the coordinator, like a start: the fresh engine comes up awake, so room is
+        made first, and the planner then knows it is awake."""
+        if self.crashed:
+            await self.start()
 
     async def stream(self, prompt: Any, sampling: Any, request_id: str | None = None) -> Any:
         engine = await self.coordinator.acquire(self.unit)

@@ -9,6 +9,7 @@ parameters, and stream text deltas. Each stream ends with exactly one chunk that
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -67,6 +68,28 @@ class DeadlineError(EngineError):
         super().__init__(f"expert {expert} {_MISSED[deadline]} {seconds:g} s ({deadline}_s)")
 
 
+HealthState = Literal["up", "down", "starting"]
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What an engine can say about itself right now.
+
+    ``reason`` is a short phrase fit for a client (/health shows it): never a URL, a path, a key
+    or an exception's text, which may hold any of them; logs carry those.
+    """
+
+    state: HealthState
+    reason: str = ""
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+
+UP = EngineHealth("up")
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An expert backend. Implementations start lazily on first use and restart after a crash."""
@@ -74,6 +97,11 @@ class Engine(Protocol):
     name: str
 
     async def start(self) -> None: ...
+
+    async def health(self) -> EngineHealth:
+        """The engine's state now, checked against its process or server (cheap: callers poll
+        it; a remote probe is cached for a few seconds)."""
+        ...
 
     def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
@@ -83,6 +111,15 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+
+async def engine_health(engine: Engine) -> EngineHealth:
+    """``engine.health()``; an engine class that predates it (a test's scripted engine) is judged
+    by its ``ready`` flag, which is all it knows of itself."""
+    probe = getattr(engine, "health", None)
+    if probe is not None:
+        return await probe()
+    return UP if engine.ready else EngineHealth("down", "not running")
 
 
 class EngineOptions(BaseModel):

@@ -4,14 +4,25 @@ called through litellm so one code path serves every provider litellm knows.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Hashable
 from typing import Any, ClassVar
 
+import httpx
 from pydantic import Field
 
-from coe.engines.base import EngineError, EngineOptions, ExpertView, ModelResolver
+from coe.engines.base import (
+    UP,
+    EngineError,
+    EngineHealth,
+    EngineOptions,
+    ExpertView,
+    ModelResolver,
+)
 from coe.engines.render import format_stops, render_qa
 from coe.errors import ConfigurationError
 from coe.redact import redact_text, redact_url
@@ -28,6 +39,15 @@ class RemoteOptions(EngineOptions):
     # Name of the environment variable holding the API key (the key itself never goes in the file).
     api_key_env: str | None = None
     timeout_s: float = Field(120.0, gt=0.0)
+
+
+log = logging.getLogger(__name__)
+
+# A health probe gets this long to answer: a server slower than this to say it is alive is not
+# one to send requests to.
+PROBE_TIMEOUT_S = 2.0
+# /health is polled (load balancers, compose): one probe answers every caller for this long.
+PROBE_TTL_S = 3.0
 
 
 class RemoteExpertFields(EngineOptions):
@@ -49,14 +69,20 @@ def load_litellm() -> Any:
 
 
 class RemoteEngine:
+    """Health is the server's, as last seen: a probe (its /health, else /v1/models) at most every
+    PROBE_TTL_S, and every request's outcome in between (a failed one marks the expert down
+    until a probe or a request succeeds)."""
+
     def __init__(self, name: str, options: RemoteOptions):
         self.name = name
         self.options = options
-        self._ready = False
+        self._health = EngineHealth("down", "not checked yet")
+        self._checked: float | None = None  # monotonic time of the last probe or request
+        self._probe_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._health.up
 
     def _api_key(self) -> str:
         env = self.options.api_key_env
@@ -70,9 +96,64 @@ class RemoteEngine:
         return key
 
     async def start(self) -> None:
-        # Nothing to start: the server is someone else's. The first request tells if it is up.
+        # Nothing to start: the server is someone else's. A server that is down now is an
+        # outage to report, not a reason to refuse to serve the other experts.
         load_litellm()
-        self._ready = True
+        health = await self.health(fresh=True)
+        if not health.up:
+            log.warning("remote expert %s is down at start: %s", self.name, health.reason)
+
+    async def health(self, *, fresh: bool = False) -> EngineHealth:
+        """The server's state, probed at most every PROBE_TTL_S (``fresh``: now)."""
+        if not fresh and self._is_recent():
+            return self._health
+        async with self._probe_lock:  # concurrent callers share one probe
+            if not fresh and self._is_recent():
+                return self._health
+            self._observe(await self._probe())
+        return self._health
+
+    def _is_recent(self) -> bool:
+        return self._checked is not None and time.monotonic() - self._checked < PROBE_TTL_S
+
+    def _observe(self, health: EngineHealth) -> None:
+        if health.up != self._health.up and self._checked is not None:
+            if health.up:
+                log.warning("remote expert %s is up again", self.name)
+            else:
+                log.warning("remote expert %s is down: %s", self.name, health.reason)
+        self._health = health
+        self._checked = time.monotonic()
+
+    def _server_root(self) -> str:
+        """base_url without its /v1: vLLM serves /health beside /v1, not under it."""
+        base = self.options.base_url.rstrip("/")
+        return base.removesuffix("/v1")
+
+    async def _probe(self) -> EngineHealth:
+        try:
+            headers = {"authorization": f"Bearer {self._api_key()}"}
+        except EngineError:
+            return EngineHealth("down", f"environment variable {self.options.api_key_env} is unset")
+        try:
+            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+                answer = await client.get(self._server_root() + "/health", headers=headers)
+                if answer.is_success:
+                    return UP
+                if answer.status_code >= 500:  # vLLM: the server is up, its engine is not
+                    return EngineHealth("down", f"its health check answered {answer.status_code}")
+                # No /health (a hosted API): listing the models needs a live server and the key.
+                models = self.options.base_url.rstrip("/") + "/models"
+                answer = await client.get(models, headers=headers)
+        except httpx.TimeoutException:
+            return EngineHealth("down", f"no answer within {PROBE_TIMEOUT_S:g} s")
+        except httpx.HTTPError as exc:
+            return EngineHealth("down", f"unreachable ({type(exc).__name__})")
+        if answer.is_success:
+            return UP
+        if answer.status_code in (401, 403):
+            return EngineHealth("down", "the server refused the API key")
+        return EngineHealth("down", f"its model list answered {answer.status_code}")
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
@@ -135,6 +216,8 @@ class RemoteEngine:
                     redact_text(str(exc), key),
                 ) from exc
             refused = isinstance(exc, litellm.BadRequestError)  # context too long, bad params
+            if _retryable(litellm, exc):  # the server is away or failing, not this request
+                self._observe(EngineHealth("down", f"a request failed ({type(exc).__name__})"))
             raise EngineError(
                 f"remote expert {self.name} at {redact_url(self.options.base_url)} failed: "
                 f"{type(exc).__name__}: {redact_text(str(exc), key)}",
@@ -142,11 +225,12 @@ class RemoteEngine:
                 invalid_request=refused,
                 reason=redact_text(str(getattr(exc, "message", exc)), key) if refused else None,
             ) from exc
-        self._ready = True
+        self._observe(UP)
         yield Chunk(text="", finish_reason=finish or "stop", usage=usage or Usage())
 
     async def shutdown(self) -> None:
-        self._ready = False
+        # The server is someone else's and stays up; nothing of ours to stop.
+        pass
 
 
 class RemoteKeyError(ConfigurationError):

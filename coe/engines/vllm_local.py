@@ -2,7 +2,8 @@
 
 The engine starts lazily on first use, in a thread so the caller's event loop keeps running
 (spinners, other requests). If the engine core process dies, the requests in flight fail with
-an EngineError at once, and the next request starts a fresh engine.
+an EngineError at once; the pool's supervisor (coe.cache.supervisor) starts a fresh engine
+without waiting for a request, and a request that comes first starts it itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from coe.engines.base import EngineError, EngineOptions, ExpertView, ModelResolver
+from coe.engines.base import (
+    UP,
+    EngineError,
+    EngineHealth,
+    EngineOptions,
+    ExpertView,
+    ModelResolver,
+)
 from coe.engines.render import format_stops, render_token_ids
 from coe.errors import BadRequestError
 from coe.types import Chunk, Prompt, SamplingParams, Usage
@@ -122,10 +130,52 @@ class VllmLocalEngine:
         self._lock = asyncio.Lock()
         self.start_seconds: float | None = None
         self.starts = 0
+        # Set by a successful start, cleared by shutdown: an engine that should be running.
+        # Only such an engine counts as crashed when its process is gone.
+        self._wanted = False
+        self._starting = False
+        self._stopping = False
+        self._start_error: str | None = None
 
     @property
     def ready(self) -> bool:
+        # vLLM watches the engine core process (a thread waits on its sentinel) and marks the
+        # client dead the moment it exits, so this follows the process, not a flag of ours.
         return self._llm is not None and not self._llm.errored
+
+    @property
+    def crashed(self) -> bool:
+        """It was running and its engine process has gone; nobody is stopping it."""
+        return self._wanted and not self._stopping and not self._starting and not self.ready
+
+    async def restart(self) -> None:
+        """Start a fresh engine after a crash (the supervisor's call); nothing if the engine is
+        running again or is being shut down meanwhile."""
+        async with self._lock:
+            if self.ready or self._stopping or not self._wanted:
+                return
+            self._starting = True
+            try:
+                await self._start_locked()
+            finally:
+                self._starting = False
+
+    async def health(self) -> EngineHealth:
+        if self._starting:
+            return EngineHealth("starting", "restarting after a crash" if self.starts else "")
+        if self.ready:
+            return UP
+        if self._llm is not None:
+            return EngineHealth("down", "the engine process exited")
+        if self._start_error is not None:
+            return EngineHealth("down", self._start_error)
+        return EngineHealth("down", "stopped" if self.starts else "not started")
+
+    def engine_pids(self) -> list[int]:
+        """The engine core processes' pids (for fault-injection tests; [] when not running)."""
+        manager = getattr(getattr(self._llm, "engine_core", None), "resources", None)
+        manager = getattr(manager, "engine_manager", None)
+        return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
 
     @property
     def tokenizer(self) -> Any:
@@ -135,21 +185,32 @@ class VllmLocalEngine:
         async with self._lock:
             if self.ready:
                 return
-            if self._llm is not None:
-                log.warning("engine %s died; restarting it", self.name)
-                await self._close_llm()
-            t0 = time.perf_counter()
+            self._stopping = False
+            self._starting = True
             try:
-                self._llm, self._tokenizer = await asyncio.to_thread(self._create)
-            except Exception as exc:
-                raise EngineError(
-                    f"engine {self.name} failed to start for model {self.spec.model}: {exc}",
-                    retryable=False,
-                ) from exc
-            self._stop_ids = _stop_token_ids(self.spec.model)
-            self.start_seconds = time.perf_counter() - t0
-            self.starts += 1
-            log.info("engine %s started in %.1f s", self.name, self.start_seconds)
+                await self._start_locked()
+            finally:
+                self._starting = False
+
+    async def _start_locked(self) -> None:
+        if self._llm is not None:
+            log.warning("engine %s died; restarting it", self.name)
+            await self._close_llm()
+        t0 = time.perf_counter()
+        try:
+            self._llm, self._tokenizer = await asyncio.to_thread(self._create)
+        except Exception as exc:
+            self._start_error = f"failed to start ({type(exc).__name__})"
+            raise EngineError(
+                f"engine {self.name} failed to start for model {self.spec.model}: {exc}",
+                retryable=False,
+            ) from exc
+        self._start_error = None
+        self._wanted = True
+        self._stop_ids = _stop_token_ids(self.spec.model)
+        self.start_seconds = time.perf_counter() - t0
+        self.starts += 1
+        log.info("engine %s started in %.1f s", self.name, self.start_seconds)
 
     def _create(self) -> tuple[Any, Any]:
         quiet_vllm_logs()
@@ -234,7 +295,7 @@ class VllmLocalEngine:
                         yield Chunk(text=seq.text)
         except EngineDeadError as exc:
             raise EngineError(
-                f"engine {self.name} died while serving the request; it restarts on the next one",
+                f"engine {self.name} died while serving the request; it restarts, retry shortly",
                 retryable=True,
             ) from exc
         except EngineGenerateError as exc:
@@ -292,7 +353,10 @@ class VllmLocalEngine:
             llm.shutdown = lambda *args, **kwargs: None
 
     async def shutdown(self) -> None:
+        # Marked before taking the lock: a supervisor that looks meanwhile must not restart it.
+        self._stopping = True
         async with self._lock:
+            self._wanted = False
             await self._close_llm()
 
 

@@ -38,10 +38,9 @@ from coe.gateway.schema import (
     ModelList,
     RouteRequest,
     RouteResponse,
-    StoreHealth,
 )
 from coe.gateway.service import ChatService
-from coe.store import Store, StoreMisconfiguredError, StoreUnavailableError
+from coe.store import StoreMisconfiguredError, StoreUnavailableError
 
 T = TypeVar("T")
 
@@ -64,7 +63,14 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
-    paths = {"/v1/chat/completions", "/v1/models", "/v1/route", "/health", "/metrics"}
+    paths = {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/route",
+        "/health",
+        "/health/ready",
+        "/metrics",
+    }
     app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
     app.add_middleware(RequestMetrics, endpoints=paths)
     store = service.store
@@ -159,16 +165,19 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         decision = await service.route(body.model, messages, owner=found.subject)
         return RouteResponse.model_validate(decision.as_dict())
 
-    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-    async def health() -> JSONResponse:
-        store_health = await check_store(store)
-        engines = service.engine_readiness()
-        if not all(engines.values()) or store_health.state == "misconfigured":
-            status = "unavailable"
-        else:
-            status = "ok" if store_health.healthy else "degraded"
-        body = HealthResponse(status=status, engines=engines, store=store_health)
-        return JSONResponse(body.model_dump(), 503 if status == "unavailable" else 200)
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        """Liveness (200 while the gateway answers) and a summary: each expert's state, the
+        store's; `status` and `ready` sum them up."""
+        return await service.health()
+
+    @app.get(
+        "/health/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}}
+    )
+    async def ready() -> JSONResponse:
+        """Readiness: 503 while an expert the router sends to is down, or the store is."""
+        body = await service.health()
+        return JSONResponse(body.model_dump(), 200 if body.ready else 503)
 
     @app.get(
         "/metrics",
@@ -183,14 +192,6 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def check_store(store: Store) -> StoreHealth:
-    """The store by a live check: unreachable degrades the gateway, misconfigured makes it
-    unavailable (requests that need the store get 503)."""
-    up = await store.ping()
-    metrics.STORE_HEALTHY.set(1 if up else 0)
-    return StoreHealth(kind=store.kind, healthy=up, state=store.state, problem=store.problem)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

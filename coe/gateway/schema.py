@@ -244,12 +244,22 @@ class StoreHealth(BaseModel):
     problem: str | None = None
 
 
+class ExpertHealth(BaseModel):
+    state: Literal["up", "down", "starting"]
+    reason: str = Field("", description="why it is not up (or which slots are not), briefly")
+    routed: bool = Field(description="a category's expert: the router sends requests to it")
+
+
 class HealthResponse(BaseModel):
-    # ok: everything up; degraded: serving, but Redis is unreachable (no cache or sessions,
-    # limits per gateway.limits.on_store_error); unavailable: an engine is not running, or the
-    # store is misconfigured (requests that need it get 503).
+    # ok: everything up; degraded: every routed request is served, but Redis is unreachable (no
+    # cache or sessions, limits per gateway.limits.on_store_error) or an expert reachable only by
+    # name is down; unavailable: a routed expert's engine is down or starting, or the store is
+    # misconfigured (requests that need it get 503).
     status: Literal["ok", "degraded", "unavailable"]
+    ready: bool = Field(description="every routed expert is up and the store answers")
+    # Per expert: is its engine up (the state and the reason are in `experts`).
     engines: dict[str, bool]
+    experts: dict[str, ExpertHealth]
     store: StoreHealth
 
 

@@ -15,6 +15,7 @@ from coe.config import GatewaySettings
 from coe.gateway import metrics, sse
 from coe.gateway.call import Call, decision_headers
 from coe.gateway.errors import from_exception, model_not_found, served_by
+from coe.gateway.health import check_store, summarize
 from coe.gateway.response_cache import Answer, ResponseCache
 from coe.gateway.schema import (
     AssistantMessage,
@@ -22,6 +23,7 @@ from coe.gateway.schema import (
     Choice,
     Delta,
     ErrorResponse,
+    HealthResponse,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -79,10 +81,11 @@ class ChatService:
                 return card
         raise model_not_found(model_id, model_names(self.config))
 
-    def engine_readiness(self) -> dict[str, bool]:
-        """Per expert: is its engine (or slot group) up?"""
-        engines = self.orch.engines
-        return {name: bool(engines.engine_for(name).ready) for name in self.config.expert_names}
+    async def health(self) -> HealthResponse:
+        """Every expert's engine as it is now, and the store by a live ping."""
+        experts, store = await asyncio.gather(self.orch.engines.health(), check_store(self.store))
+        routed = {c.expert for c in self.config.categories}
+        return summarize(experts, routed, store)
 
     # -- deciding ----------------------------------------------------------------------------
     async def route(self, model: str, messages: list[Message], owner: str = "") -> RouteDecision:

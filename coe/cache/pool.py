@@ -128,6 +128,18 @@ class EnginePool:
         await asyncio.gather(*asked.values())
         return {name: asked[id(e)].result() for name, e in self._for_expert.items()}
 
+    def unfinished_requests(self) -> dict[str, int]:
+        """Per in-process engine (plain or a cache slot), the requests it holds unfinished."""
+        engines = [
+            *self._by_key.values(),
+            *(s.engine for g in self.groups.values() for s in g.slots),
+        ]
+        return {
+            engine.name: count()
+            for engine in engines
+            if (count := getattr(engine, "unfinished_requests", None)) is not None
+        }
+
     def cache_status(self) -> list[dict[str, object]]:
         """Per checkpoint: tier, bytes, hits (weight-cache groups; plain engines are resident)."""
         rows: list[dict[str, object]] = []

@@ -86,6 +86,27 @@ def quiet_vllm_logs() -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
+# Engine processes are spawned one at a time: each takes its process title from the environment
+# it is spawned with (below), and two starts at once would thrash the CPU anyway.
+_SPAWNING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _titled(prefix: str) -> Iterator[None]:
+    """Spawn engine processes titled ``PREFIX::EngineCore`` instead of ``VLLM::EngineCore``, so
+    `ps` (and a fault-injection test) can tell which expert's engine a process is. vLLM reads
+    the prefix from the environment when the child starts."""
+    old = os.environ.get("VLLM_PROCESS_NAME_PREFIX")
+    os.environ["VLLM_PROCESS_NAME_PREFIX"] = prefix
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_PROCESS_NAME_PREFIX", None)
+        else:
+            os.environ["VLLM_PROCESS_NAME_PREFIX"] = old
+
+
 @contextlib.contextmanager
 def _sigint_blocked() -> Iterator[None]:
     """Block SIGINT in this thread while engine processes are spawned.
@@ -171,6 +192,12 @@ class VllmLocalEngine:
             return EngineHealth("down", self._start_error)
         return EngineHealth("down", "stopped" if self.starts else "not started")
 
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds that have not finished (0 when it is not running): after a
+        storm of cancelled requests this must come back to 0, or something leaks."""
+        processor = getattr(self._llm, "output_processor", None)
+        return int(processor.get_num_unfinished_requests()) if processor is not None else 0
+
     def engine_pids(self) -> list[int]:
         """The engine core processes' pids (for fault-injection tests; [] when not running)."""
         manager = getattr(getattr(self._llm, "engine_core", None), "resources", None)
@@ -235,7 +262,7 @@ class VllmLocalEngine:
             disable_log_stats=True,
             **extension,
         )
-        with _sigint_blocked():
+        with _SPAWNING, _sigint_blocked(), _titled(f"coe-{self.name}"):
             llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
         return llm, tokenizer

@@ -189,6 +189,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         so a scraper never gets a 429): they tell each client's traffic and the pool's load.
         /health stays open, for load balancers and container healthchecks."""
         metrics.STORE_HEALTHY.set(1 if store.healthy else 0)
+        for engine, count in service.unfinished_requests().items():
+            metrics.ENGINE_UNFINISHED.labels(engine).set(count)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -29,6 +29,11 @@ ROUTED = Counter(
 RESPONSE_CACHE = Counter("coe_response_cache", "Response cache lookups.", ["result"])
 RATE_LIMITED = Counter("coe_rate_limited", "Requests refused by a rate limit.", ["limit"])
 STORE_HEALTHY = Gauge("coe_store_healthy", "1 while the store (Redis) answers.")
+ENGINE_UNFINISHED = Gauge(
+    "coe_engine_unfinished_requests",
+    "Requests an in-process engine holds unfinished (0 when idle: none leaked by cancels).",
+    ["engine"],
+)
 STORE_TROUBLE = Counter(
     "coe_store_trouble",
     "Requests that met the store unreachable or misconfigured, by what the gateway did: "

@@ -81,6 +81,10 @@ class ChatService:
                 return card
         raise model_not_found(model_id, model_names(self.config))
 
+    def unfinished_requests(self) -> dict[str, int]:
+        """Per in-process engine, the requests it holds unfinished (/metrics)."""
+        return self.orch.engines.unfinished_requests()
+
     async def health(self) -> HealthResponse:
         """Every expert's engine as it is now, and the store by a live ping."""
         experts, store = await asyncio.gather(self.orch.engines.health(), check_store(self.store))

@@ -29,6 +29,12 @@ def test_bench_swap_json_reports_every_tier_beside_cold_start_and_the_floor() ->
     ):
         assert figures[key] > 0, key
     assert figures["checkpoint_bytes"] > 500_000_000
+    # The swapped-in expert answered as a fresh engine started from its own checkpoint, and the
+    # base model answers otherwise (so the comparison can tell the weights apart).
+    assert "fresh engine started from" in figures["answers_compared"]
+    assert figures["reference_answer"].strip() and figures["base_answer_differs"] is True
+    first, last = figures["swapped_answers"]
+    assert first == last == figures["reference_answer"]
     assert figures["answers_match"] is True
     assert figures["page_cache"]
     assert len(figures["host_to_hbm_samples_s"]) == 2

@@ -206,17 +206,23 @@ def test_bench_gateway_json_reports_overhead_beside_the_engine(
 ) -> None:
     run = coe(
         "--config", str(test_pool_file), "bench", "gateway", "--json",
-        "--requests", "20", "--max-seconds", "40", "--redis-url", redis_up.url,
+        "--requests", "20", "--tokens", "4", "--max-seconds", "60",
+        "--redis-url", redis_up.url,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out["store"] == "redis" and out["requests"] >= 1
+    assert out["store"] == "redis" and out["tokens"] == 4 and out["concurrency"] == 16
+    # Every phase measured the requests asked for (each phase stops early only past 15 s); and
+    # every repeat was a cache hit, or the bench would have failed.
+    assert out["requests"] == out["auto_requests"] == out["cache_hits"] == 20, out
+    for measure in ("direct", "gateway", "cache_hit", "overhead"):
+        assert out[f"{measure}_p99_ms"] >= out[f"{measure}_p50_ms"], measure
     for key in ("direct_p50_ms", "gateway_p50_ms", "cache_hit_p50_ms", "auto_p50_ms"):
         assert out[key] > 0, key
-    # The gateway does more than the engine alone: its latency is not below the engine's.
-    assert out["gateway_p50_ms"] >= out["direct_p50_ms"] - 5
+    # A cache hit skips routing and generation: faster than any answer the engine generates.
+    assert out["cache_hit_p50_ms"] < out["direct_p50_ms"], out
+    assert out["cache_hit_p50_ms"] < out["gateway_p50_ms"], out
     assert out["gateway_requests_s"] > 0 and out["direct_requests_s"] > 0
-    assert out["target_overhead_p50_ms"] == 3.0
 
 
 # -- coe serve on a real Redis ----------------------------------------------------------------

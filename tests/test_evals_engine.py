@@ -5,6 +5,8 @@ scores. The small judge's verdicts are often unparseable; the report says how ma
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,13 +100,35 @@ def test_report_and_scores_of_the_smoke_runs(workdir: Path) -> None:
     assert mt["judgments"] == 4 and mt["unparseable"] == len(unrated)
     assert "Unparseable" in (out / "report.md").read_text()
 
-    scores_path = workdir / "scores.json"
-    result = coe("--config", str(workdir / "experts.yaml"), "eval", "scores", runs[0],
-                 "--out", str(scores_path))  # fmt: skip
-    if all(j["score"] == -1 for j in judgments if j["model"] == "qa"):
-        # The small judge rated none of the expert's answers: nothing to score, and it says so.
-        assert result.returncode == 2 and "no rated answers" in result.stderr
-        return
+    # The small judge's ratings are chance: score two copies of the run whose qa judgments are
+    # set, so both outcomes are checked on every run. None rated: nothing to score, and it says
+    # so. Some rated: the unparseable one is left out of the mean.
+    unrated = _with_qa_scores(Path(runs[0]), workdir / "unrated", [-1, -1, -1, -1])
+    result = _scores(workdir, unrated)
+    assert result.returncode == 2 and "no rated answers for qa" in result.stderr, result.stderr
+    rated = _with_qa_scores(Path(runs[0]), workdir / "rated", [4, 6, 8, -1])
+    result = _scores(workdir, rated)
     assert result.returncode == 0, result.stderr
-    table = json.loads(scores_path.read_text())
-    assert list(table["scores"]) == ["qa"] and table["frequencies"] == {"writing": 2}
+    table = json.loads((rated / "scores.json").read_text())
+    assert table == {
+        "benchmark": "mt-bench",
+        "scores": {"qa": {"writing": 6.0}},
+        "frequencies": {"writing": 2},
+    }
+
+
+def _with_qa_scores(run: Path, copy: Path, scores: list[int]) -> Path:
+    """A copy of an MT-Bench run whose qa judgments (in file order) carry these ratings."""
+    shutil.copytree(run, copy)
+    rows = list(read_jsonl(copy / "judgments.jsonl"))
+    qa = [row for row in rows if row["model"] == "qa"]
+    assert len(qa) == len(scores)
+    for row, score in zip(qa, scores, strict=True):
+        row["score"] = score
+    (copy / "judgments.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return copy
+
+
+def _scores(workdir: Path, run: Path) -> subprocess.CompletedProcess[str]:
+    return coe("--config", str(workdir / "experts.yaml"), "eval", "scores", str(run),
+               "--out", str(run / "scores.json"))  # fmt: skip

@@ -41,7 +41,9 @@ class GatewayBench:
     gateway_p99_ms: float
     overhead_p50_ms: float
     overhead_p99_ms: float
+    auto_requests: int
     auto_p50_ms: float
+    cache_hits: int  # repeats measured, each answered from the response cache (else an error)
     cache_hit_p50_ms: float
     cache_hit_p99_ms: float
     direct_requests_s: float
@@ -172,7 +174,9 @@ def _measure(
         gateway_p99_ms=percentile_ms(gateway_s, 0.99),
         overhead_p50_ms=round(1000 * statistics.median(overhead), 3),
         overhead_p99_ms=percentile_ms(overhead, 0.99),
+        auto_requests=len(auto_s),
         auto_p50_ms=percentile_ms(auto_s, 0.5),
+        cache_hits=len(hits),
         cache_hit_p50_ms=percentile_ms(hits, 0.5),
         cache_hit_p99_ms=percentile_ms(hits, 0.99),
         direct_requests_s=direct_rps,

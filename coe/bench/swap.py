@@ -3,13 +3,20 @@
 All figures come from one run on one engine, for one expert (a seeded variant of the prepared
 model, so the swap really changes the weights):
 
-- engine cold start: what a swap would cost without the cache (a fresh engine for the expert);
-- DISK → HOST: reading the checkpoint into host RAM (page cache dropped where the kernel allows);
+- engine cold start: what a swap would cost without the cache (a fresh engine for the expert,
+  started from the expert's own checkpoint);
+- DISK → HBM: vLLM reloading the base model straight from its checkpoint folder into that engine;
+- DISK → HOST: reading the expert's checkpoint into host RAM (page cache dropped where the kernel
+  allows);
 - HOST → HBM, checkpoint layout: vLLM ``reload_weights`` from those tensors (the first swap-in);
 - HOST → HBM, engine layout: the captured copy (every later swap-in), median of several;
-- DISK → HBM: vLLM reloading straight from the checkpoint folder;
 - the floor: a plain copy of the same bytes in the engine's worker process (pinned host → device
   bandwidth on CUDA, memcpy otherwise).
+
+The engine started for the cold-start figure is also the reference: its greedy answer, from the
+expert's checkpoint loaded directly, is what the swapped-in expert must answer, after its first
+swap-in and after all the swaps. The base model's answer must differ from it, or the comparison
+could not tell the two weights apart.
 """
 
 from __future__ import annotations
@@ -51,7 +58,13 @@ class SwapBench:
     effective_gb_s: float  # checkpoint bytes per second of a HOST → HBM swap
     swap_vs_floor: float  # HOST → HBM swap over the floor for the checkpoint's bytes
     cold_start_vs_swap: float
-    answers_match: bool  # greedy answer after swaps equals the one after the first load
+    # The swapped-in expert's greedy answers (after its first swap-in and after the last swap)
+    # equal the reference: a fresh engine that loaded the expert's checkpoint directly.
+    answers_match: bool
+    answers_compared: str  # what was compared with what, in words
+    reference_answer: str
+    swapped_answers: list[str]  # after the first swap-in, after the last swap
+    base_answer_differs: bool  # the base model answers the probe otherwise: the check can fail
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,14 +81,28 @@ async def _wait_staged(worker: BenchWorkerClient, unit: str) -> StageState:
 async def run_swap_bench(
     base: Path, variant: Path, options: VllmOptions, repeats: int = 7
 ) -> SwapBench:
-    spec = VllmSpec(str(base), "bfloat16", 1024, options, worker_extension=BENCH_WORKER_EXTENSION)
+    # Started from the expert's checkpoint: the cold start a swap saves, and the reference.
+    spec = VllmSpec(
+        str(variant), "bfloat16", 1024, options, worker_extension=BENCH_WORKER_EXTENSION
+    )
     engine = VllmLocalEngine("bench-swap", spec)
     worker = BenchWorkerClient(engine)
     greedy = SamplingParams(temperature=0.0, max_tokens=16)
+
+    async def answer() -> str:
+        await engine.reset_prefix_cache()  # no KV computed with other weights
+        return (await collect(engine.stream(PROBE, greedy))).text
+
     try:
         t0 = time.perf_counter()
         await engine.start()
         cold_start = time.perf_counter() - t0
+        reference = await answer()
+
+        for f in checkpoint_files(str(base)):
+            drop_page_cache(str(f))
+        disk = await worker.load_path(str(base))
+        base_answer = await answer()
         await worker.capture("base")
 
         dropped = all(drop_page_cache(str(f)) for f in checkpoint_files(str(variant)))
@@ -85,8 +112,7 @@ async def run_swap_bench(
             raise RuntimeError(f"reading {variant} failed: {staged}")
 
         first = await worker.activate("variant")
-        await engine.reset_prefix_cache()
-        first_answer = (await collect(engine.stream(PROBE, greedy))).text
+        first_answer = await answer()
         captured = await worker.capture("variant")
 
         samples: list[float] = []
@@ -96,12 +122,7 @@ async def run_swap_bench(
                 last = await worker.activate(unit)
                 if unit == "variant":
                     samples.append(last["seconds"])
-        await engine.reset_prefix_cache()
-        answers_match = (await collect(engine.stream(PROBE, greedy))).text == first_answer
-
-        for f in checkpoint_files(str(base)):
-            drop_page_cache(str(f))
-        disk = await worker.load_path(str(base))
+        last_answer = await answer()
 
         nbytes = checkpoint_bytes(variant)
         floor = await worker.memcpy_floor(nbytes)
@@ -128,5 +149,12 @@ async def run_swap_bench(
         effective_gb_s=round(nbytes / swap / 1e9, 2),
         swap_vs_floor=round(swap / floor["seconds"], 2),
         cold_start_vs_swap=round(cold_start / swap, 1),
-        answers_match=answers_match,
+        answers_match=first_answer == reference and last_answer == reference,
+        answers_compared=(
+            f"{variant.name} swapped into an engine of {base.name}, after its first swap-in and "
+            f"after {repeats} HOST → HBM swaps, vs. a fresh engine started from {variant}"
+        ),
+        reference_answer=reference,
+        swapped_answers=[first_answer, last_answer],
+        base_answer_differs=base_answer != reference,
     )

@@ -313,7 +313,8 @@ def _print_swap(r: SwapBench, repeats: int) -> None:
     click.echo(
         f"cold start / swap: {r.cold_start_vs_swap}x; bytes copied per swap "
         f"{r.copied_bytes:,} (+{r.rebound_linears} packed linears rebound); "
-        f"answers after swaps match: {r.answers_match}"
+        f"answers after swaps match a fresh engine of the expert: {r.answers_match} "
+        f"(base answers otherwise: {r.base_answer_differs})"
     )
 
 

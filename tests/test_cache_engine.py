@@ -287,9 +287,10 @@ def test_a_crashed_slot_restarts_and_answers_with_the_expert_asked_for(
         long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
         chunks = pool.engine_for("v1").stream(prompt("Count to one hundred."), long)
         await chunks.__anext__()
-        for child in psutil.Process().children(recursive=True):
-            if "VLLM" in child.name():
-                child.kill()
+        pids = slot.engine.engine_pids()
+        assert pids, "the slot's engine has no engine process to kill"
+        for pid in pids:
+            psutil.Process(pid).kill()
         t0 = time.perf_counter()
         with pytest.raises(EngineError, match="died"):
             async for _ in chunks:

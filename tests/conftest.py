@@ -219,6 +219,7 @@ class VllmServe:
 
     def start(self) -> None:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+        env.pop("VLLM_SERVER_DEV_MODE", None)  # as docker-compose.yml runs it: no dev endpoints
         # `python -m` rather than the `vllm` script: vllm-cpu's script looks up metadata of a
         # package named "vllm" and fails.
         cmd = [
@@ -254,5 +255,18 @@ class VllmServe:
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.kill()
+            self.kill()  # its engine processes too
         self.proc = None
+
+
+def stop_processes(*procs: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM (a clean shutdown) to all at once, SIGKILL to any still running after
+    ``timeout_s``."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

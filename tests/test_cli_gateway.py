@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +27,16 @@ from coe.config import RateLimits
 from coe.gateway.auth import API_KEYS_ENV, MIN_KEY_LENGTH, KeyRing, hash_key, new_key
 from coe.gateway.server import OpenGatewayError, check_exposure
 
-from .conftest import COE, RedisProcess, cli_env, coe, free_port, wait_for_health
+from .conftest import (
+    COE,
+    RedisProcess,
+    VllmServe,
+    cli_env,
+    coe,
+    free_port,
+    stop_processes,
+    wait_for_health,
+)
 
 BURST_KEY = "coe-burst-key-for-two-gateways"
 TOKENS_KEY = "coe-tokens-key-for-two-gateways"
@@ -322,18 +329,6 @@ def serve(config: Path, redis_url: str, log: Path) -> tuple[subprocess.Popen[byt
     return proc, f"http://127.0.0.1:{port}"
 
 
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (a clean shutdown) to all at once, SIGKILL to any still running after 30 s."""
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def test_serve_refuses_a_wrong_redis_password_with_exit_2(
     own_redis: RedisProcess, fake_expert: str, tmp_path: Path
 ) -> None:
@@ -368,7 +363,7 @@ def two_gateways(
             wait_for_health(proc, base, folder / f"serve-{i}.log", f"coe serve #{i}", 120)
         yield [base for _, base in started]
     finally:
-        stop([proc for proc, _ in started])
+        stop_processes(*(proc for proc, _ in started), timeout_s=30)
 
 
 def test_two_gateways_on_one_redis_admit_exactly_the_limit(two_gateways: list[str]) -> None:
@@ -442,29 +437,15 @@ VLLM_KEY_ENV = "COE_TEST_VLLM_KEY"
 @pytest.fixture(scope="module")
 def keyed_vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vllm serve --api-key` without dev mode: the base URL (no /v1)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-keyed") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    env.pop("VLLM_SERVER_DEV_MODE", None)
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", "keyed", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--enforce-eager", "--dtype", "bfloat16",
-        "--max-num-seqs", "4", "--gpu-memory-utilization", "0.2", "--api-key", LONG_KEY,
-    ]  # fmt: skip
-    with log_path.open("w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("vllm-keyed") / "server.log"
+    server = VllmServe(model_dir, log, "--served-model-name", "keyed", "--api-key", LONG_KEY)
+    server.start()
     try:
         # The healthcheck docker-compose.yml uses: /health, without the key.
-        wait_for_health(server, base, log_path, "vllm serve --api-key", 420)
-        yield base
+        server.wait_ready()
+        yield server.base
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 @pytest.mark.engine
@@ -517,10 +498,5 @@ def test_a_keyed_vllm_server_serves_coe_and_nobody_else(keyed_vllm: str, tmp_pat
         assert keyless.status_code == 500, keyless.text
         assert keyless.json()["error"]["type"] == "server_error"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        stop_processes(proc)
     assert LONG_KEY not in log_path.read_text() and client_key not in log_path.read_text()

@@ -31,7 +31,15 @@ import yaml
 from coe.gateway.auth import hash_key
 from coe.models.variants import prepared_variant
 
-from .conftest import COE, RedisProcess, VllmServe, cli_env, free_port, wait_for_health
+from .conftest import (
+    COE,
+    RedisProcess,
+    VllmServe,
+    cli_env,
+    free_port,
+    stop_processes,
+    wait_for_health,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.faults]
 
@@ -162,11 +170,7 @@ def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         wait_until(lambda: all_up(built.health()), 120, "the stack to be up")
         yield built
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_processes(serve)
         remote.stop()
         redis.stop()
         print_report()

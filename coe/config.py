@@ -268,6 +268,61 @@ class GatewaySettings(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
 
 
+class ActorOptions(_Strict):
+    """What one Ray Serve replica needs of a node (Ray's `ray_actor_options`): CPUs, GPUs, memory
+    and custom resources, by which replicas are placed on the nodes that offer them."""
+
+    num_cpus: float | None = Field(None, ge=0.0)
+    num_gpus: float | None = Field(None, ge=0.0)
+    memory: int | None = Field(None, ge=0, description="bytes")
+    resources: dict[str, float] = {}
+    # Environment of the replica's process (and the engine process vLLM spawns from it): Ray
+    # sets OMP_NUM_THREADS from num_cpus, so engine thread counts belong here.
+    env: dict[str, str] = {}
+
+
+# The Serve deployment name of the gateway (expert deployments take theirs from experts.yaml).
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+class ClusterGateway(_Strict):
+    """The gateway as a Serve deployment: replicas share Redis (store.url) for the response
+    cache, rate limits and sessions."""
+
+    replicas: int = Field(2, ge=1)
+    actor: ActorOptions = ActorOptions(num_cpus=0.5)
+
+
+class ClusterDeployment(_Strict):
+    """One Serve deployment of experts: each replica runs coe's own engines and weight cache for
+    the experts listed (a slot group when they swap through the cache)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+    experts: list[str] = Field(min_length=1)
+    replicas: int = Field(1, ge=1)
+    # Autoscaling bounds; both unset: a fixed count of `replicas`.
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    actor: ActorOptions = ActorOptions(num_cpus=1)
+
+
+class ClusterSettings(_Strict):
+    """`coe serve --ray`: the pool as Ray Serve deployments on a Ray cluster."""
+
+    # A running cluster to join (ray://… or host:port of its GCS); unset: `coe serve --ray`
+    # starts a one-node cluster of its own on loopback.
+    address: str | None = None
+    # How a request picks an expert replica: where its weights are (residency), Serve's model
+    # multiplexing, or Serve's default power of two choices (the baselines).
+    routing: Literal["residency", "multiplex", "power_of_two"] = "residency"
+    # How often replicas report what they hold and their queue (Serve's record_routing_stats).
+    stats_period_s: float = Field(1.0, gt=0.0)
+    gateway: ClusterGateway = ClusterGateway()
+    # Unset: one deployment named `experts` with every in-process expert, one replica.
+    deployments: list[ClusterDeployment] = []
+
+
 class PoolConfig(_Strict):
     version: Literal[1] = 1
     experts: list[ExpertEntry] = Field(min_length=1)
@@ -279,6 +334,7 @@ class PoolConfig(_Strict):
     strategies: StrategySettings = StrategySettings()
     # The pool's deadlines; an expert's `deadlines:` overrides any of them.
     deadlines: Deadlines = Deadlines()
+    cluster: ClusterSettings = ClusterSettings()
 
     # Set by the loader, not by the file.
     source: Path | None = Field(None, exclude=True)
@@ -305,6 +361,22 @@ class PoolConfig(_Strict):
         if category is None or category not in self.category_names:
             return []
         return list(self.category(category).fallbacks)
+
+    @property
+    def cluster_deployments(self) -> list[ClusterDeployment]:
+        """The expert deployments on a Ray cluster: those written, else one named `experts` that
+        holds every expert whose engine runs in process (remote experts are called from the
+        gateway replicas)."""
+        if self.cluster.deployments:
+            return list(self.cluster.deployments)
+        local = [e.name for e in self.experts if ENGINE_KINDS[e.engine].in_process]
+        return [ClusterDeployment(name="experts", experts=local)] if local else []
+
+    def only_experts(self, names: Iterable[str]) -> PoolConfig:
+        """This pool with only the named experts (what one expert deployment's replica serves).
+        Categories may then name experts it lacks: use it for engines, not for routing."""
+        keep = set(names)
+        return self.model_copy(update={"experts": [e for e in self.experts if e.name in keep]})
 
     @property
     def expert_names(self) -> list[str]:
@@ -502,11 +574,58 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
             f"strategies.expert_prompting.writer: '{writer}' is not a defined expert "
             f"(defined: {', '.join(experts)})"
         )
+    problems.extend(_cluster_checks(cfg))
     if cfg.router.fallback not in cats:
         problems.append(
             f"router.fallback: '{cfg.router.fallback}' is not a defined category "
             f"(defined: {', '.join(cats)})"
         )
+    return problems
+
+
+def _cluster_checks(cfg: PoolConfig) -> list[str]:
+    """Every in-process expert in exactly one deployment of `cluster:`, and sane bounds."""
+    problems: list[str] = []
+    experts = cfg.expert_names
+    owner: dict[str, str] = {}
+    names: list[str] = []
+    for i, d in enumerate(cfg.cluster.deployments):
+        where = f"cluster.deployments[{i}]"
+        if d.name in names:
+            problems.append(f"{where}.name: '{d.name}' is used twice")
+        if d.name == GATEWAY_DEPLOYMENT:
+            problems.append(f"{where}.name: '{d.name}' is the gateway's deployment; rename it")
+        names.append(d.name)
+        for j, name in enumerate(d.experts):
+            if name not in experts:
+                problems.append(
+                    f"{where}.experts[{j}]: '{name}' is not a defined expert "
+                    f"(defined: {', '.join(experts)})"
+                )
+            elif name in owner:
+                problems.append(
+                    f"{where}.experts[{j}]: '{name}' is already in deployment '{owner[name]}'; "
+                    "an expert belongs to one deployment"
+                )
+            else:
+                owner[name] = d.name
+        low, high = d.min_replicas, d.max_replicas
+        if (low is None) != (high is None):
+            problems.append(
+                f"{where}: set both min_replicas and max_replicas (autoscaling), or neither"
+            )
+        elif low is not None and high is not None and not low <= d.replicas <= high:
+            problems.append(
+                f"{where}.replicas: {d.replicas} is outside min_replicas..max_replicas "
+                f"({low}..{high}); it is the count autoscaling starts from"
+            )
+    if cfg.cluster.deployments:
+        for i, e in enumerate(cfg.experts):
+            if ENGINE_KINDS[e.engine].in_process and e.name not in owner:
+                problems.append(
+                    f"experts[{i}]: '{e.name}' runs in process but no cluster.deployments entry "
+                    "lists it; add it to one deployment's experts"
+                )
     return problems
 
 

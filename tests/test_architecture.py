@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("prompts",),
     ("orchestrator",),
     ("gateway", "evals"),
+    ("cluster",),
     ("bench",),
     ("cli",),
 ]

@@ -160,6 +160,9 @@ class EngineKind(Protocol):
     name: ClassVar[str]
     # The entry keys this kind adds to the common ones (coe.config.Expert), with their defaults.
     fields: ClassVar[type[EngineOptions]]
+    # Whether the engine runs in coe's own process (so, on a Ray cluster, in an expert
+    # deployment's replica) rather than on a server of its own that coe only calls.
+    in_process: ClassVar[bool]
 
     @classmethod
     def check(cls, expert: ExpertView) -> list[str]:

@@ -265,6 +265,7 @@ class RemoteKind:
 
     name: ClassVar[str] = "remote"
     fields: ClassVar[type[EngineOptions]] = RemoteExpertFields
+    in_process: ClassVar[bool] = False
 
     @classmethod
     def check(cls, expert: ExpertView) -> list[str]:

@@ -392,6 +392,7 @@ class VllmKind:
 
     name: ClassVar[str] = "vllm"
     fields: ClassVar[type[EngineOptions]] = VllmExpertFields
+    in_process: ClassVar[bool] = True
 
     @classmethod
     def check(cls, expert: ExpertView) -> list[str]:

@@ -108,9 +108,11 @@ class EnginePool:
 
     def prefetch(self, expert: str) -> None:
         """A routing decision named this expert: let the weight cache start moving it up."""
-        engine = self._for_expert.get(expert)
-        if isinstance(engine, SlotExpertEngine):
-            engine.prefetch()
+        # Engines that can act on it have a prefetch (a weight-cache slot, an expert deployment
+        # on a Ray cluster); the others hold their weights for good.
+        prefetch = getattr(self._for_expert.get(expert), "prefetch", None)
+        if prefetch is not None:
+            prefetch()
 
     async def start(self, experts: list[str] | None = None) -> None:
         names = experts if experts is not None else list(self._for_expert)

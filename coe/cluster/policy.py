@@ -66,3 +66,82 @@ def rank_replicas(
             rest.append(r)
     ranks = [sorted(group, key=lambda r: (r.queue, r.replica)) for group in (hbm, host, rest)]
     return [[r.replica for r in group] for group in ranks if group]
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What an expert replica says of itself (its ``record_routing_stats``), as of ``at``."""
+
+    tiers: Mapping[str, Tier]
+    queue: int
+    # How many checkpoints its weight-cache slots hold at once, and the experts that go through
+    # them; experts outside the cache (a plain engine's) are resident for good.
+    slots: int
+    swappable: frozenset[str]
+    at: float
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, object]) -> ReplicaReport | None:
+        """Parse a replica's routing stats; None for stats from anything else (or none yet)."""
+        try:
+            tiers = {str(k): Tier(str(v)) for k, v in dict(stats["tiers"]).items()}  # type: ignore[call-overload]
+            return cls(
+                tiers=tiers,
+                queue=int(stats["queue"]),  # type: ignore[call-overload]
+                slots=int(stats["slots"]),  # type: ignore[call-overload]
+                swappable=frozenset(str(e) for e in stats["swappable"]),  # type: ignore[attr-defined]
+                at=float(stats["at"]),  # type: ignore[arg-type]
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class ResidencyBook:
+    """The router's view of every replica: its last report, plus the requests routed to it since.
+
+    Reports come every few seconds (Serve polls ``record_routing_stats``); requests come much
+    faster. Without the requests routed since, a burst for an expert held nowhere would see
+    "on disk everywhere" for every request and scatter, each replica swapping it in. So a
+    request routed to a replica counts as having made its expert resident there (a weight-cache
+    slot then evicts the expert used least recently), until a newer report says what happened.
+    """
+
+    def __init__(self) -> None:
+        self._reports: dict[str, ReplicaReport] = {}
+        self._routed: dict[str, list[tuple[float, str]]] = {}
+
+    def report(self, replica: str, report: ReplicaReport) -> None:
+        self._reports[replica] = report
+        # What the report already reflects needs no guessing any more.
+        self._routed[replica] = [(t, e) for t, e in self._routed.get(replica, []) if t > report.at]
+
+    def routed(self, replica: str, expert: str, now: float) -> None:
+        self._routed.setdefault(replica, []).append((now, expert))
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop replicas that no longer exist."""
+        for book in (self._reports, self._routed):
+            for replica in [r for r in book if r not in keep]:
+                del book[replica]
+
+    def load(self, replica: str) -> ReplicaLoad:
+        report = self._reports.get(replica)
+        routed = self._routed.get(replica, [])
+        if report is None:
+            return ReplicaLoad(replica, {}, len(routed))
+        tiers = dict(report.tiers)
+        last_used = {e: t for t, e in routed}
+        for _, expert in routed:
+            if expert not in report.swappable or tiers.get(expert) is Tier.HBM:
+                continue
+            tiers[expert] = Tier.HBM
+            resident = [e for e in report.swappable if tiers.get(e) is Tier.HBM]
+            while len(resident) > report.slots:
+                # The slot's least recently used checkpoint leaves HBM for host RAM.
+                victim = min(
+                    (e for e in resident if e != expert),
+                    key=lambda e: last_used.get(e, float("-inf")),
+                )
+                tiers[victim] = Tier.HOST
+                resident.remove(victim)
+        return ReplicaLoad(replica, tiers, report.queue + len(routed))

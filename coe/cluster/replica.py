@@ -1,0 +1,147 @@
+"""One replica of an expert deployment: coe's own engines and weight cache for the deployment's
+experts, inside a Ray Serve replica.
+
+The gateway replicas call ``generate`` through a deployment handle (coe.cluster.serve_engine);
+Serve asks ``record_routing_stats`` every few seconds and hands the answer to the request router
+(coe.cluster.request_router), which sends each request where its expert already is.
+
+Engines start in the constructor: Serve routes nothing to a replica before its constructor
+returns, so no request waits on (or fails with) an engine still starting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from coe.cache.pool import EnginePool
+from coe.cache.tiers import Tier
+from coe.config import load_config
+from coe.engines.base import EngineError
+from coe.types import Chunk, Message, Prompt, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def prompt_from_wire(data: dict[str, Any]) -> Prompt:
+    messages = tuple(Message(role=m["role"], content=m["content"]) for m in data["messages"])
+    return Prompt(messages=messages, format=data["format"])
+
+
+def prompt_to_wire(prompt: Prompt) -> dict[str, Any]:
+    return {"messages": [m.as_dict() for m in prompt.messages], "format": prompt.format}
+
+
+def sampling_from_wire(data: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**{**data, "stop": tuple(data.get("stop", ()))})
+
+
+class ExpertReplica:
+    """A Serve replica serving some experts of experts.yaml (the deployment's ``experts:``)."""
+
+    async def __init__(self, config_path: str, deployment: str):
+        from ray import serve
+
+        from coe.models import ensure_models
+
+        config = load_config(config_path)
+        spec = next(d for d in config.cluster_deployments if d.name == deployment)
+        self.config = config.only_experts(spec.experts)
+        self.experts = list(spec.experts)
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        prepared = [e.model for e in self.config.experts if e.model and e.model.startswith("coe:")]
+        ensure_models(prepared)
+        self.pool = EnginePool(self.config)
+        self._inflight = 0
+        self._served = 0
+        await self.pool.start(self.experts)
+        log.info("replica %s of %s serves %s", self.replica_id, deployment, self.experts)
+
+    async def generate(
+        self,
+        expert: str,
+        prompt: dict[str, Any],
+        sampling: dict[str, Any],
+        request_id: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The expert's token stream as plain dicts (``Chunk`` fields). ``expert`` is a keyword
+        the request router reads to pick this replica."""
+        if expert not in self.experts:
+            raise EngineError(f"expert {expert} is not served by this deployment", retryable=False)
+        engine = self.pool.engine_for(expert)
+        self._inflight += 1
+        try:
+            async for chunk in engine.stream(
+                prompt_from_wire(prompt), sampling_from_wire(sampling), request_id
+            ):
+                yield chunk_to_wire(chunk)
+        finally:
+            self._inflight -= 1
+            self._served += 1
+
+    async def prefetch(self, expert: str) -> None:
+        """A gateway routed a request for ``expert`` here: start moving its weights up."""
+        if expert in self.experts:
+            self.pool.prefetch(expert)
+
+    async def health(self) -> dict[str, dict[str, str]]:
+        """Per expert: its engine's state here ("up", "down", "starting") and why."""
+        states = await self.pool.health()
+        return {name: {"state": h.state, "reason": h.reason} for name, h in states.items()}
+
+    def tiers(self) -> dict[str, Tier]:
+        """Where each expert's weights are on this replica; an expert outside the weight cache
+        is resident while its engine runs."""
+        tiers: dict[str, Tier] = {}
+        for expert in self.experts:
+            engine = self.pool.engine_for(expert)
+            tiers[expert] = Tier.HBM if engine.ready else Tier.DISK
+        for row in self.pool.cache_status():
+            for expert in row["experts"]:  # type: ignore[attr-defined]
+                tiers[expert] = Tier(str(row["tier"]))
+        return tiers
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve polls this (cluster.stats_period_s) and passes it to the request router."""
+        swappable = [e for row in self.pool.cache_status() for e in row["experts"]]  # type: ignore[attr-defined]
+        return {
+            "tiers": {name: tier.value for name, tier in self.tiers().items()},
+            "queue": self._inflight,
+            "slots": sum(len(g.slots) for g in self.pool.groups.values()),
+            "swappable": swappable,
+            "at": time.time(),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """For tests and `coe experts`: where this replica is, what it holds, what it served."""
+        import ray
+
+        return {
+            "replica": self.replica_id,
+            "node_ip": ray.util.get_node_ip_address(),
+            "served": self._served,
+            "cache": self.pool.cache_status(),
+            **(await self.record_routing_stats()),
+        }
+
+    async def __del__(self) -> None:
+        await self.pool.shutdown()
+
+
+def chunk_to_wire(chunk: Chunk) -> dict[str, Any]:
+    return asdict(chunk)
+
+
+def chunk_from_wire(data: dict[str, Any]) -> Chunk:
+    from coe.types import Usage
+
+    usage = data.get("usage")
+    return Chunk(
+        text=data["text"],
+        finish_reason=data.get("finish_reason"),
+        usage=Usage(**usage) if usage is not None else None,
+    )

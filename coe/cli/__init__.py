@@ -1,4 +1,5 @@
-"""The `coe` command line: ask, chat, serve, experts, models, route, router, prompts, eval, bench.
+"""The `coe` command line: ask, chat, serve, experts, models, route, router, prompts, eval, bench,
+deploy.
 
 Every command reads the pool from --config, else $COE_CONFIG, else ./experts.yaml, else the
 project's default experts.yaml. Each command group lives in its own module of this package;
@@ -18,6 +19,7 @@ from coe import __version__
 from coe.cli.ask import ask
 from coe.cli.bench import bench
 from coe.cli.chat import chat
+from coe.cli.deploy import deploy
 from coe.cli.eval import eval_
 from coe.cli.experts import experts
 from coe.cli.models import models
@@ -63,3 +65,4 @@ main.add_command(router)
 main.add_command(prompts)
 main.add_command(eval_)
 main.add_command(bench)
+main.add_command(deploy)

@@ -23,6 +23,7 @@ from coe.cli.runtime import (
 )
 
 if TYPE_CHECKING:
+    from coe.bench.cluster import ClusterBench
     from coe.bench.engine import EngineBench
     from coe.bench.host_copy import HostCopyBench
     from coe.bench.pool import PoolBench
@@ -245,6 +246,130 @@ def bench_router(cli: CliContext, prompts: Path | None, repeats: int, as_json: b
     _report(result, as_json, lambda: _print_router(result, path.name))
 
 
+@bench.command("cluster")
+@click.option("--nodes", default=8, show_default=True, help="Nodes in the full cluster.")
+@click.option("--gpus-per-node", default=8, show_default=True, help="GPUs per node.")
+@click.option("--experts", default=64, show_default=True, help="Experts in the pool.")
+@click.option("--requests", default=4000, show_default=True, help="Requests in the trace.")
+@click.option("--rate", default=10.0, show_default=True, help="Arrivals per second outside bursts.")
+@click.option("--zipf", default=1.0, show_default=True, help="Zipf exponent of popularity.")
+@click.option("--burst-x", default=3.0, show_default=True, help="Arrival rate in bursts, x.")
+@click.option(
+    "--burst-every-s", default=120.0, show_default=True, help="A burst every this many s."
+)
+@click.option("--burst-len-s", default=20.0, show_default=True, help="Each burst lasts (s).")
+@click.option(
+    "--median-tokens", default=256, show_default=True, help="Median output tokens (log-normal)."
+)
+@click.option("--batch", default=32, show_default=True, help="Requests one GPU runs at once.")
+@click.option("--per-token-s", default=0.02, show_default=True, help="Decode seconds per token.")
+@click.option(
+    "--hbm-experts", default=1, show_default=True, help="Experts one GPU's HBM holds at once."
+)
+@click.option(
+    "--host-experts", default=16, show_default=True, help="Checkpoints one node's RAM holds."
+)
+@click.option(
+    "--spill-queue", default=8, show_default=True,
+    help="The routing rule's spill threshold (requests beyond the least-loaded replica).",
+)  # fmt: skip
+@click.option(
+    "--swap-json", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Move times from `coe bench swap --json` (or host-copy) output.",
+)  # fmt: skip
+@click.option("--swap-s", type=float, help="HOST → HBM seconds (default: H100, 16 GB, 0.294).")
+@click.option("--disk-s", type=float, help="DISK → HOST seconds (default: H100, 16 GB, 15.1).")
+@click.option("--cold-start-s", type=float, help="Engine start seconds (default: 60, assumed).")
+@click.option(
+    "--multiplex-load", type=click.Choice(["tiered", "cold"]), default="tiered",
+    show_default=True,
+    help="Serve's model load: coe's tiered moves, or an engine start per load.",
+)  # fmt: skip
+@click.option(
+    "--slo-p99-s", default=5.0, show_default=True, help="SLO: p99 time to first token (s)."
+)
+@click.option(
+    "--gpu-step", type=int, help="GPU counts the SLO search tries (default: whole nodes)."
+)
+@click.option("--max-gpus", type=int, help="Largest GPU count tried (default: 2x the cluster).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench_cluster(
+    nodes: int,
+    gpus_per_node: int,
+    experts: int,
+    requests: int,
+    rate: float,
+    zipf: float,
+    burst_x: float,
+    burst_every_s: float,
+    burst_len_s: float,
+    median_tokens: int,
+    batch: int,
+    per_token_s: float,
+    hbm_experts: int,
+    host_experts: int,
+    spill_queue: int,
+    swap_json: Path | None,
+    swap_s: float | None,
+    disk_s: float | None,
+    cold_start_s: float | None,
+    multiplex_load: str,
+    slo_p99_s: float,
+    gpu_step: int | None,
+    max_gpus: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Residency-aware routing beside Serve's multiplexing and one engine per expert, on
+    simulated nodes: a seeded trace through the real routing rule, scheduler and residency
+    code; goodput, latency, swaps and the GPUs each needs for the SLO. Pure Python, seconds."""
+    from coe.bench.cluster import (
+        ARENA_HARD_LIKE,
+        ClusterSpec,
+        Moves,
+        TraceSpec,
+        moves_from_json,
+        run_cluster_bench,
+        with_moves,
+    )
+
+    if experts < len(ARENA_HARD_LIKE):
+        raise click.BadParameter(
+            f"at least one expert per category ({len(ARENA_HARD_LIKE)})", param_hint="--experts"
+        )
+    moves = moves_from_json(swap_json) if swap_json else Moves()
+    moves = with_moves(
+        moves,
+        {"host_to_hbm_s": swap_s, "disk_to_host_s": disk_s, "cold_start_s": cold_start_s},
+    )
+    trace = TraceSpec(
+        requests=requests,
+        experts=experts,
+        zipf=zipf,
+        rate=rate,
+        burst_x=burst_x,
+        burst_every_s=burst_every_s,
+        burst_len_s=burst_len_s,
+        median_tokens=median_tokens,
+        seed=seed,
+    )
+    spec = ClusterSpec(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        hbm_experts=hbm_experts,
+        host_experts=host_experts,
+        batch=batch,
+        per_token_s=per_token_s,
+        spill_queue=spill_queue,
+        multiplex_load="cold" if multiplex_load == "cold" else "tiered",
+    )
+    result = run_cluster_bench(
+        trace, spec, moves, slo_s=slo_p99_s, gpu_step=gpu_step, max_gpus=max_gpus
+    )
+    _report(result, as_json, lambda: _print_cluster(result))
+
+
 # -- tables ----------------------------------------------------------------------------------
 
 
@@ -383,6 +508,49 @@ def _print_router(result: RouterBench, source: str) -> None:
         "",
     )
     Console().print(table)
+
+
+def _print_cluster(result: ClusterBench) -> None:
+    from coe.bench.report import print_table
+
+    cluster, trace = result.inputs["cluster"], result.trace
+    slo = result.inputs["slo_ttft_p99_s"]
+    order = ("residency", "multiplex", "static")
+    p = [result.policies[name] for name in order]
+
+    def row(label: str, cell: Callable[[Any], object]) -> tuple[str, ...]:
+        return (label, *(str(cell(f)) for f in p))
+
+    def at_slo(f: Any) -> str:
+        if f.gpus_for_slo is None:
+            return f"none up to {result.inputs['max_gpus']}"
+        there = f.at_slo_gpus
+        return f"{f.gpus_for_slo} (p99 {there['ttft_p99_s']} s, {there['swaps']} swaps)"
+
+    print_table(
+        f"cluster simulation: {cluster['nodes']} nodes x {cluster['gpus_per_node']} GPUs, "
+        f"{result.inputs['trace']['experts']} experts, {trace['requests']} requests over "
+        f"{trace['duration_s']} s (seed {result.inputs['trace']['seed']}); "
+        f"SLO: p99 time to first token <= {slo} s",
+        ("measure", "residency-aware", "reference: Serve multiplexing", "reference: static"),
+        [
+            row("GPUs in this run", lambda f: f.gpus),
+            row("goodput (req/s within SLO)", lambda f: f.goodput_rps),
+            row("time to first token p50 / p99 (s)", lambda f: f"{f.ttft_p50_s} / {f.ttft_p99_s}"),
+            row("latency p50 / p99 (s)", lambda f: f"{f.e2e_p50_s} / {f.e2e_p99_s}"),
+            row("swaps into HBM", lambda f: f.swaps),
+            row("disk loads / cold starts", lambda f: f"{f.disk_loads} / {f.cold_starts}"),
+            row("fewest GPUs meeting the SLO", at_slo),
+        ],
+    )
+    saving = result.gpu_saving_vs_static
+    res, mux = p[0], p[1]
+    click.echo(
+        f"GPU saving vs static at the SLO: "
+        f"{'n/a' if saving is None else f'{saving:.1%}'} (target >= 30%: "
+        f"{result.targets['gpu_saving_ge_30pct']}); swaps residency-aware {res.swaps} vs "
+        f"multiplexing {mux.swaps} (target fewer: {result.targets['fewer_swaps_than_multiplex']})"
+    )
 
 
 def _report(result: Any, as_json: bool, table: Callable[[], None]) -> None:

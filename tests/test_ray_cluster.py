@@ -92,7 +92,7 @@ class RayPool:
 def serve_errors(pool: RayPool) -> str:
     """The tracebacks in the cluster's Serve logs: what a failed assertion shows."""
     found = []
-    for log in Path(pool.cluster.temp_dir).glob("ray/session_*/logs/serve/*.log"):
+    for log in Path(pool.cluster.temp_dir).glob("session_*/logs/serve/*.log"):
         text = log.read_text(errors="replace")
         at = text.find("Traceback")
         if at >= 0:

@@ -198,6 +198,13 @@ def bench_prompts(cli: CliContext, count: int, generated: int, as_json: bool) ->
     envvar="COE_REDIS_URL",
     help="Measure with this Redis as the store (env COE_REDIS_URL; default in-process).",
 )
+@click.option(
+    "--ray",
+    "on_ray",
+    is_flag=True,
+    help="Also through two gateway replicas on a local Ray Serve cluster (loopback), beside "
+    "the single gateway; reports the Ray figures (needs the ray extra).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @pass_cli
 def bench_gateway(
@@ -206,6 +213,7 @@ def bench_gateway(
     tokens: int,
     max_seconds: float,
     redis_url: str | None,
+    on_ray: bool,
     as_json: bool,
 ) -> None:
     """Gateway overhead: the same requests through the HTTP gateway and straight to the
@@ -218,6 +226,13 @@ def bench_gateway(
         result = run_gateway_bench(
             pool.orchestrator, pool.runner, expert, requests, tokens, max_seconds
         )
+    if on_ray:
+        from coe.bench.ray_gateway import run_ray_gateway_bench
+
+        # The single gateway's engine is shut down by now: the Ray pool starts its own.
+        ray_result = run_ray_gateway_bench(cfg, expert, result, requests, tokens)
+        _report(ray_result, as_json, ray_result.print_table)
+        return
     _report(result, as_json, result.print_table)
 
 

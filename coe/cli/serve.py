@@ -7,7 +7,8 @@ from types import FrameType
 
 import click
 
-from coe.cli.runtime import EXIT_FAILED, CliContext, fail, open_pool, pass_cli
+from coe.cli.runtime import EXIT_BAD_INPUT, EXIT_FAILED, CliContext, fail, open_pool, pass_cli
+from coe.config import PoolConfig
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -45,6 +46,19 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     show_default=True,
     help="uvicorn's logging; info adds one access-log line per request.",
 )
+@click.option(
+    "--ray",
+    "on_ray",
+    is_flag=True,
+    help="Serve on Ray Serve: the gateway and expert deployments of experts.yaml's cluster: "
+    "section (needs the ray extra).",
+)
+@click.option(
+    "--ray-address",
+    envvar="COE_RAY_ADDRESS",
+    help="With --ray, the cluster to join (env COE_RAY_ADDRESS; default cluster.address in "
+    "experts.yaml, else a one-node cluster of coe's own on --host, which must be loopback).",
+)
 @pass_cli
 def serve(
     cli: CliContext,
@@ -53,6 +67,8 @@ def serve(
     redis_url: str | None,
     allow_open: bool,
     log_level: str,
+    on_ray: bool,
+    ray_address: str | None,
 ) -> None:
     """Serve the pool as one OpenAI-compatible model at http://HOST:PORT/v1.
 
@@ -78,6 +94,9 @@ def serve(
             err=True,
         )
     store_url = redis_url or cfg.store.url
+    if on_ray:
+        _serve_on_ray(cfg, host, port, ray_address or cfg.cluster.address, redis_url)
+        return
     with open_pool(cfg, cfg.expert_names, store_url=store_url) as pool:
         server = GatewayServer(
             pool.orchestrator, pool.runner, host=host, port=port, keys=keys, log_level=log_level
@@ -97,6 +116,27 @@ def serve(
             err=True,
         )
         server.wait()
+
+
+def _serve_on_ray(
+    cfg: PoolConfig, host: str, port: int, address: str | None, redis_url: str | None
+) -> None:
+    import os
+
+    from coe.cluster.launch import deploy, wait_forever
+    from coe.gateway.server import is_loopback
+
+    if address is None and not is_loopback(host):
+        fail(
+            f"--host {host}: coe's own Ray cluster binds loopback only; to serve beyond this "
+            "machine, start Ray on your nodes (ray start) and pass --ray-address",
+            EXIT_BAD_INPUT,
+        )
+    signal.signal(signal.SIGTERM, _interrupt)
+    deployed = deploy(cfg, host, port, address, float(os.cpu_count() or 1), redis_url)
+    where = address or "a local one-node cluster"
+    click.echo(f"coe serve --ray: {deployed.url}/v1 on {where}; Ctrl-C stops", err=True)
+    wait_forever(deployed)
 
 
 @click.group()

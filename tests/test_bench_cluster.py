@@ -77,7 +77,8 @@ def test_the_category_mix_splits_the_experts_and_the_requests() -> None:
 
 
 def test_the_simulation_routes_with_the_policy_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replace rank_replicas with a rule that takes the most loaded replica: the figures move."""
+    """Replace rank_replicas with a rule that takes the most loaded replica: the figures move.
+    Each replica carries its capacity (the batch)."""
     trace = make_trace(TRACE)
     real = simulate("residency", trace, SMALL, Moves())
     calls: list[str] = []
@@ -86,6 +87,7 @@ def test_the_simulation_routes_with_the_policy_rule(monkeypatch: pytest.MonkeyPa
         expert: str, replicas: Sequence[policy.ReplicaLoad], **_: object
     ) -> list[list[str]]:
         calls.append(expert)
+        assert all(r.capacity == SMALL.batch for r in replicas)  # each GPU's batch is its capacity
         return [[r.replica for r in sorted(replicas, key=lambda r: (-r.queue, r.replica))]]
 
     monkeypatch.setattr(policy, "rank_replicas", most_loaded)

@@ -161,7 +161,6 @@ class ClusterSpec:
     per_token_s: float = 0.02
     prefill_s: float = 0.1
     max_wait_s: float = 2.0  # the scheduler's bound before a slot drains for another expert
-    spill_queue: int = routing.DEFAULT_SPILL_QUEUE
     multiplex_load: MultiplexLoad = "tiered"
 
     @property
@@ -580,10 +579,12 @@ class _Sim:
     def _route_residency(self, expert: str) -> _Gpu:
         """The Serve router's rule: the first replica of the first rank."""
         loads = [
-            routing.ReplicaLoad(gpu.name, {expert: self._tier(gpu, expert)}, gpu.load)
+            routing.ReplicaLoad(
+                gpu.name, {expert: self._tier(gpu, expert)}, gpu.load, self.spec.batch
+            )
             for gpu in self.gpus
         ]
-        ranks = routing.rank_replicas(expert, loads, spill_queue=self.spec.spill_queue)
+        ranks = routing.rank_replicas(expert, loads)
         gpu = self.by_name[ranks[0][0]]
         gpu.node.residency.note_request(expert)  # as the cache does on a request, then prefetch
         self._prefetch(gpu.node, expert)

@@ -285,10 +285,6 @@ def bench_router(cli: CliContext, prompts: Path | None, repeats: int, as_json: b
     "--host-experts", default=16, show_default=True, help="Checkpoints one node's RAM holds."
 )
 @click.option(
-    "--spill-queue", default=8, show_default=True,
-    help="The routing rule's spill threshold (requests beyond the least-loaded replica).",
-)  # fmt: skip
-@click.option(
     "--swap-json", type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="Move times from `coe bench swap --json` (or host-copy) output.",
 )  # fmt: skip
@@ -324,7 +320,6 @@ def bench_cluster(
     per_token_s: float,
     hbm_experts: int,
     host_experts: int,
-    spill_queue: int,
     swap_json: Path | None,
     swap_s: float | None,
     disk_s: float | None,
@@ -376,7 +371,6 @@ def bench_cluster(
         host_experts=host_experts,
         batch=batch,
         per_token_s=per_token_s,
-        spill_queue=spill_queue,
         multiplex_load="cold" if multiplex_load == "cold" else "tiered",
     )
     result = run_cluster_bench(

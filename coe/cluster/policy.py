@@ -8,9 +8,19 @@ cheapest move, and among equals the shortest queue:
 2. replicas with it in host RAM,
 3. every other replica, least loaded first (one of them will load the expert).
 
-A hot expert must not pile onto its one resident replica while others idle: a replica whose
-queue is ``spill_queue`` or more requests longer than the least-loaded replica's loses its
-residency preference, so the load spreads and a second replica loads the expert.
+A replica runs ``capacity`` requests at once (Serve's ``max_ongoing_requests``; a batch). While
+a resident replica has room, sending it the request costs nothing: the request joins a running
+batch. Sending it elsewhere costs a swap there, and the expert that replica held loses its home,
+so its next requests land on a busy replica that must drain before swapping back. A resident
+replica therefore keeps its preference until it is full (``queue >= capacity``), however idle
+the others are. A full resident replica loses its preference only while some replica has room:
+then the request goes to the least-loaded replica with room, which loads the expert (a second
+copy of a hot expert). When every replica is full, moving helps nothing, so residency still
+ranks first. A replica of unknown capacity (None) is never full: it never spills.
+
+Among replicas that would have to load the expert, the shortest queue comes first: an idle
+replica (queue 0) swaps at once and displaces only experts with no requests; a busy one must
+drain first. A replica that is full ranks after every replica with room.
 
 The Serve request router (request_router.py) and the cluster simulation (coe.bench.cluster) both
 call ``rank_replicas``; that is what makes the simulation measure the real rule.
@@ -23,9 +33,6 @@ from dataclasses import dataclass, field
 
 from coe.cache.tiers import Tier
 
-# Requests a resident replica may hold beyond the least-loaded one before the rule spreads load.
-DEFAULT_SPILL_QUEUE = 8
-
 
 @dataclass(frozen=True)
 class ReplicaLoad:
@@ -36,35 +43,40 @@ class ReplicaLoad:
     tiers: Mapping[str, Tier] = field(default_factory=dict)
     # Requests running or queued on the replica.
     queue: int = 0
+    # Requests it runs at once (Serve's max_ongoing_requests; the batch); None: unknown, never full.
+    capacity: int | None = None
 
     def tier(self, expert: str) -> Tier:
         return self.tiers.get(expert, Tier.DISK)
 
+    @property
+    def full(self) -> bool:
+        return self.capacity is not None and self.queue >= self.capacity
 
-def rank_replicas(
-    expert: str,
-    replicas: Sequence[ReplicaLoad],
-    *,
-    spill_queue: int = DEFAULT_SPILL_QUEUE,
-) -> list[list[str]]:
-    """Replica ids in ranks, best first; within a rank, shortest queue first. Empty ranks are
-    left out; every replica appears exactly once."""
+
+def rank_replicas(expert: str, replicas: Sequence[ReplicaLoad]) -> list[list[str]]:
+    """Replica ids in ranks, best first: the expert in HBM, in host RAM, the rest; within a
+    rank, replicas with room before full ones, then shortest queue first. A full resident
+    replica drops to the rest while any replica has room. Empty ranks are left out; every
+    replica appears exactly once."""
     if not replicas:
         return []
-    lightest = min(r.queue for r in replicas)
+    room = any(not r.full for r in replicas)
     hbm: list[ReplicaLoad] = []
     host: list[ReplicaLoad] = []
     rest: list[ReplicaLoad] = []
     for r in replicas:
-        overloaded = r.queue - lightest >= spill_queue
+        spills = r.full and room
         tier = r.tier(expert)
-        if tier is Tier.HBM and not overloaded:
+        if tier is Tier.HBM and not spills:
             hbm.append(r)
-        elif tier is Tier.HOST and not overloaded:
+        elif tier is Tier.HOST and not spills:
             host.append(r)
         else:
             rest.append(r)
-    ranks = [sorted(group, key=lambda r: (r.queue, r.replica)) for group in (hbm, host, rest)]
+    ranks = [
+        sorted(group, key=lambda r: (r.full, r.queue, r.replica)) for group in (hbm, host, rest)
+    ]
     return [[r.replica for r in group] for group in ranks if group]
 
 
@@ -124,11 +136,13 @@ class ResidencyBook:
             for replica in [r for r in book if r not in keep]:
                 del book[replica]
 
-    def load(self, replica: str) -> ReplicaLoad:
+    def load(self, replica: str, capacity: int | None = None) -> ReplicaLoad:
+        """The replica as the rule sees it; ``capacity`` is its max_ongoing_requests (the router
+        knows it; None: unknown, the replica never counts as full)."""
         report = self._reports.get(replica)
         routed = self._routed.get(replica, [])
         if report is None:
-            return ReplicaLoad(replica, {}, len(routed))
+            return ReplicaLoad(replica, {}, len(routed), capacity)
         tiers = dict(report.tiers)
         last_used = {e: t for t, e in routed}
         for _, expert in routed:
@@ -144,4 +158,4 @@ class ResidencyBook:
                 )
                 tiers[victim] = Tier.HOST
                 resident.remove(victim)
-        return ReplicaLoad(replica, tiers, report.queue + len(routed))
+        return ReplicaLoad(replica, tiers, report.queue + len(routed), capacity)

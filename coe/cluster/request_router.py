@@ -1,5 +1,6 @@
 """Serve's request router for expert deployments: each request goes to a replica that already
-holds its expert's weights (HBM, else host RAM), else to the least-loaded replica.
+holds its expert's weights (HBM, else host RAM) while it has room (under its
+``max_ongoing_requests``), else to the least-loaded replica.
 
 Serve builds one of these per deployment handle (in each gateway replica), keeps its replica
 list current, and hands it each replica's ``record_routing_stats`` answer. ``choose_replicas``
@@ -51,7 +52,7 @@ class ResidencyRequestRouter(FIFOMixin, RequestRouter):
             return [candidate_replicas]
         self._refresh(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = [self.book.load(replica_id) for replica_id in by_id]
+        loads = [self.book.load(i, capacity=r.max_ongoing_requests) for i, r in by_id.items()]
         return [[by_id[i] for i in rank] for rank in rank_replicas(expert, loads)]
 
     def on_request_routed(

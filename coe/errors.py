@@ -27,6 +27,13 @@ class CoeError(Exception):
 class BadRequestError(CoeError, ValueError):
     exit_code = 2
     http_status = 400
+    # The request field at fault, when one is (the gateway's error names it).
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None):
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 class UnavailableError(CoeError, RuntimeError):

@@ -317,7 +317,8 @@ def test_unknown_model_is_404_model_not_found(gw: Running) -> None:
         ({"model": "auto", "messages": ask("x"), "max_tokenz": 3}, "max_tokenz"),
         ({"model": "auto", "messages": []}, "messages"),
         ({"messages": ask("x")}, "model"),
-        ({"model": "auto", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": "auto", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"model": "auto", "messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
         ({"model": "auto", "messages": [{"role": "system", "content": "only"}]}, None),
         ({"model": "auto", "messages": ask("x"), "stop": ["a", ""]}, None),
     ],
@@ -888,14 +889,18 @@ def test_on_store_error_defaults_to_closed_when_keys_are_configured(
 
 def test_openai_parameters_coe_cannot_honour_are_named(gw: Running) -> None:
     base = {"model": "coder", "messages": ask("x")}
+    tools = [{"type": "function", "function": {"name": "f"}}]
     for extra, param in (
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
+        ({"tools": tools, "response_format": {"type": "json_object"}}, "response_format"),
     ):
         error = assert_error(gw.post("/v1/chat/completions", {**base, **extra}), 400)
         assert error["param"] == param and error["code"] == "unsupported_parameter"
+    # tool_choice auto on an in-process expert without a tool_parser: refused, naming it.
+    error = assert_error(gw.post("/v1/chat/completions", {**base, "tools": tools}), 400)
+    assert error["param"] == "tool_choice" and "expert coder" in error["message"]
+    assert "tool_parser" in error["message"]
     neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "store": False}
     assert gw.post("/v1/chat/completions", {**base, **neutral}).status_code == 200
     # An assistant turn without content, as clients echo tool-less replies back.

@@ -21,22 +21,58 @@ from coe.cache.pool import EnginePool
 from coe.cache.tiers import Tier
 from coe.config import load_config
 from coe.engines.base import EngineError
-from coe.types import Chunk, Message, Prompt, SamplingParams
+from coe.types import (
+    Chunk,
+    Message,
+    Prompt,
+    ResponseFormat,
+    SamplingParams,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
 
+def _message_from_wire(m: dict[str, Any]) -> Message:
+    calls = tuple(
+        ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+        for c in m.get("tool_calls", ())
+    )
+    return Message(m["role"], m["content"], calls, m.get("tool_call_id"))
+
+
 def prompt_from_wire(data: dict[str, Any]) -> Prompt:
-    messages = tuple(Message(role=m["role"], content=m["content"]) for m in data["messages"])
-    return Prompt(messages=messages, format=data["format"])
+    messages = tuple(_message_from_wire(m) for m in data["messages"])
+    tools = data.get("tools")
+    spec = None
+    if tools is not None:
+        spec = ToolSpec(**{**tools, "tools": tuple(Tool(**t) for t in tools["tools"])})
+    return Prompt(messages=messages, format=data["format"], tools=spec)
 
 
 def prompt_to_wire(prompt: Prompt) -> dict[str, Any]:
-    return {"messages": [m.as_dict() for m in prompt.messages], "format": prompt.format}
+    return {
+        "messages": [m.as_dict() for m in prompt.messages],
+        "format": prompt.format,
+        "tools": asdict(prompt.tools) if prompt.tools is not None else None,
+    }
+
+
+def sampling_to_wire(sampling: SamplingParams) -> dict[str, Any]:
+    return asdict(sampling)
 
 
 def sampling_from_wire(data: dict[str, Any]) -> SamplingParams:
-    return SamplingParams(**{**data, "stop": tuple(data.get("stop", ()))})
+    fields = {**data, "stop": tuple(data.get("stop", ()))}
+    fields["logit_bias"] = tuple((int(t), float(b)) for t, b in data.get("logit_bias", ()))
+    fmt = data.get("response_format")
+    fields["response_format"] = ResponseFormat(**fmt) if fmt is not None else None
+    return SamplingParams(**fields)
 
 
 class ExpertReplica:
@@ -137,11 +173,17 @@ def chunk_to_wire(chunk: Chunk) -> dict[str, Any]:
 
 
 def chunk_from_wire(data: dict[str, Any]) -> Chunk:
-    from coe.types import Usage
-
     usage = data.get("usage")
+    logprobs = data.get("logprobs")
     return Chunk(
         text=data["text"],
         finish_reason=data.get("finish_reason"),
         usage=Usage(**usage) if usage is not None else None,
+        tool_calls=[ToolCallDelta(**d) for d in data.get("tool_calls", ())],
+        logprobs=None
+        if logprobs is None
+        else [
+            TokenLogprob(lp["token"], lp["logprob"], [(t, v) for t, v in lp["top"]])
+            for lp in logprobs
+        ],
     )

@@ -15,10 +15,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
-from coe.cluster.replica import chunk_from_wire, prompt_to_wire
+from coe.cluster.replica import chunk_from_wire, prompt_to_wire, sampling_to_wire
 from coe.engines.base import DeadlineError, EngineError, EngineHealth
 from coe.types import Chunk, Prompt, SamplingParams
 
@@ -79,7 +78,7 @@ class ServeEngine:
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Chunk]:
-        wire_prompt, wire_sampling = prompt_to_wire(prompt), asdict(sampling)
+        wire_prompt, wire_sampling = prompt_to_wire(prompt), sampling_to_wire(sampling)
         for attempt in range(RETRIES_BEFORE_FIRST_CHUNK + 1):
             produced = False
             chunks = self._handle.options(stream=True).generate.remote(

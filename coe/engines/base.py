@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from coe.errors import UnavailableError
-from coe.types import Chunk, Prompt, SamplingParams
+from coe.types import Chunk, Prompt, SamplingParams, ToolChoice
 
 
 class EngineError(UnavailableError):
@@ -184,3 +184,17 @@ class EngineKind(Protocol):
     def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> Engine:
         """A new engine for the expert; ``name`` names it in logs and errors."""
         ...
+
+    # Optional: ``tool_choices(expert) -> frozenset[ToolChoice]``, the tool choices the expert
+    # honours (see ``tool_choices`` below); a kind without it calls no tools.
+
+
+ALL_TOOL_CHOICES: frozenset[ToolChoice] = frozenset({"auto", "none", "required", "function"})
+
+
+def tool_choices(kind: type[EngineKind], expert: ExpertView) -> frozenset[ToolChoice]:
+    """The tool choices an expert honours: ``none`` always (tools ignored), the others as its
+    engine kind declares."""
+    declared = getattr(kind, "tool_choices", None)
+    found: frozenset[ToolChoice] = declared(expert) if declared is not None else frozenset()
+    return found | {"none"}

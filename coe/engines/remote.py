@@ -5,6 +5,7 @@ called through litellm so one code path serves every provider litellm knows.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ import httpx
 from pydantic import Field
 
 from coe.engines.base import (
+    ALL_TOOL_CHOICES,
     UP,
     EngineError,
     EngineHealth,
@@ -24,9 +26,17 @@ from coe.engines.base import (
     ModelResolver,
 )
 from coe.engines.render import format_stops, render_qa
-from coe.errors import ConfigurationError
+from coe.errors import BadRequestError, ConfigurationError
 from coe.redact import redact_text, redact_url
-from coe.types import Chunk, Prompt, SamplingParams, Usage
+from coe.types import (
+    Chunk,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolChoice,
+    Usage,
+)
 
 
 class RemoteOptions(EngineOptions):
@@ -180,6 +190,7 @@ class RemoteEngine:
             common["seed"] = sampling.seed
         if sampling.repetition_penalty != 1.0:
             common["extra_body"] = {"repetition_penalty": sampling.repetition_penalty}
+        common.update(_openai_extras(prompt, sampling))
         try:
             if prompt.format == "qa":
                 response = await litellm.atext_completion(
@@ -199,8 +210,10 @@ class RemoteEngine:
                 choice = part.choices[0]
                 text = _delta_text(choice)
                 finish = choice.finish_reason or finish
-                if text:
-                    yield Chunk(text=text)
+                calls = _delta_tool_calls(choice)
+                logprobs = _delta_logprobs(choice) if sampling.logprobs is not None else None
+                if text or calls or logprobs:
+                    yield Chunk(text=text, tool_calls=calls, logprobs=logprobs)
         except EngineError:
             raise
         except Exception as exc:  # litellm maps every provider error to its own classes
@@ -242,6 +255,75 @@ class RemoteKeyError(ConfigurationError):
         super().__init__(f"remote expert {expert} at {where} refused {source}{hint}: {said}")
 
 
+def _openai_extras(prompt: Prompt, sampling: SamplingParams) -> dict[str, Any]:
+    """The request fields beyond plain sampling, in OpenAI's shapes, only when set."""
+    out: dict[str, Any] = {}
+    if sampling.presence_penalty:
+        out["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        out["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.logit_bias:
+        out["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if sampling.logprobs is not None:
+        out["logprobs"] = True
+        out["top_logprobs"] = sampling.logprobs
+    fmt = sampling.response_format
+    if fmt is not None:
+        if fmt.type == "json_object":
+            out["response_format"] = {"type": "json_object"}
+        else:
+            schema = {"name": fmt.name or "response", "strict": fmt.strict}
+            schema["schema"] = json.loads(fmt.schema or "{}")
+            out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    spec = prompt.tools
+    if spec is not None and spec.tools:
+        if prompt.format == "qa":
+            raise BadRequestError(
+                "tools: this expert's server is asked for text completions (prompt_format qa), "
+                "which take no tools",
+                param="tools",
+            )
+        out["tools"] = [t.as_dict() for t in spec.tools]
+        if spec.choice == "function":
+            out["tool_choice"] = {"type": "function", "function": {"name": spec.function}}
+        else:
+            out["tool_choice"] = spec.choice
+        if not spec.parallel:
+            out["parallel_tool_calls"] = False
+    return out
+
+
+def _delta_tool_calls(choice: Any) -> list[ToolCallDelta]:
+    delta = getattr(choice, "delta", None)
+    out = []
+    for i, call in enumerate(getattr(delta, "tool_calls", None) or []):
+        function = getattr(call, "function", None)
+        index = getattr(call, "index", None)
+        out.append(
+            ToolCallDelta(
+                index=index if index is not None else i,
+                id=getattr(call, "id", None),
+                name=getattr(function, "name", None),
+                arguments=getattr(function, "arguments", None) or "",
+            )
+        )
+    return out
+
+
+def _delta_logprobs(choice: Any) -> list[TokenLogprob] | None:
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    return [
+        TokenLogprob(
+            token=entry.token,
+            logprob=float(entry.logprob),
+            top=[(t.token, float(t.logprob)) for t in (entry.top_logprobs or [])],
+        )
+        for entry in content
+    ]
+
+
 def _delta_text(choice: Any) -> str:
     delta = getattr(choice, "delta", None)
     if delta is not None:
@@ -281,6 +363,14 @@ class RemoteKind:
     def backend(cls, expert: ExpertView) -> str:
         assert isinstance(expert, RemoteExpertFields)
         return expert.remote.base_url if expert.remote is not None else ""
+
+    @classmethod
+    def tool_choices(cls, expert: ExpertView) -> frozenset[ToolChoice]:
+        """Tools are forwarded: the server calls them, or refuses the request (a 400). Not
+        for a Q/A-format expert, whose server is asked for a plain text completion."""
+        if getattr(expert, "prompt_format", "chat") == "qa":
+            return frozenset()
+        return ALL_TOOL_CHOICES
 
     @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> Hashable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coe.engines.tools import as_text
 from coe.types import Message, Prompt
 
 QA_STOPS = ("\nQuestion:",)
@@ -12,7 +13,7 @@ QA_STOPS = ("\nQuestion:",)
 def render_qa(messages: tuple[Message, ...] | list[Message]) -> str:
     """A "Question:/Answer:" transcript ending in an open answer, for base (non-chat) models."""
     lines: list[str] = []
-    for m in messages:
+    for m in as_text(messages):
         if m.role == "system":
             lines.append(m.content.strip())
             lines.append("")
@@ -50,17 +51,29 @@ def render_text(tokenizer: Any, prompt: Prompt) -> str:
         return (tokenizer.bos_token or "") + render_qa(prompt.messages)
     from jinja2.exceptions import TemplateError
 
+    spec = prompt.tools
+    tools = [t.as_dict() for t in spec.tools] if spec and spec.choice != "none" else None
+
     def apply(messages: tuple[Message, ...] | list[Message]) -> str:
+        extra = {"tools": tools} if tools else {}
         return tokenizer.apply_chat_template(
-            [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False
+            [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False, **extra
         )
 
-    try:
-        return apply(prompt.messages)
-    except TemplateError:
-        if not any(m.role == "system" for m in prompt.messages):
-            raise
-        return apply(fold_system(prompt.messages))
+    # A template may refuse a system role (Mistral's, Gemma's) or tool turns: then the system
+    # text goes into the first user turn, and tool turns are written as plain turns.
+    attempts = [list(prompt.messages)]
+    if any(m.role == "tool" or m.tool_calls for m in prompt.messages):
+        attempts.append(as_text(prompt.messages))
+    if any(m.role == "system" for m in prompt.messages):
+        attempts += [fold_system(a) for a in list(attempts)]
+    for i, messages in enumerate(attempts):
+        try:
+            return apply(messages)
+        except TemplateError:
+            if i == len(attempts) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def render_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:

@@ -33,8 +33,25 @@ from coe.engines.base import (
     ModelResolver,
 )
 from coe.engines.render import format_stops, render_token_ids
-from coe.errors import BadRequestError
-from coe.types import Chunk, Prompt, SamplingParams, Usage
+from coe.engines.tools import (
+    TOOL_CALLS,
+    calls_from_required,
+    forced_function,
+    guided_json,
+    new_call_id,
+)
+from coe.errors import BadRequestError, ConfigurationError
+from coe.types import (
+    Chunk,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +77,10 @@ class VllmExpertFields(EngineOptions):
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     vllm: VllmOptions = VllmOptions()
+    # vLLM's tool-call parser for the model's own call format (hermes, pythonic, llama3_json,
+    # ...): needed for tool_choice "auto". Forced calls (required, a named function) work on
+    # any model without one, through guided decoding.
+    tool_parser: str | None = None
 
 
 class PromptTooLongError(BadRequestError):
@@ -260,6 +281,9 @@ class VllmLocalEngine:
             tensor_parallel_size=opts.tensor_parallel_size,
             enable_sleep_mode=opts.enable_sleep_mode,
             disable_log_stats=True,
+            # Guided decoding (response_format, forced tool calls): xgrammar, compact JSON. With
+            # any whitespace allowed a small model pads with it until max_tokens.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             **extension,
         )
         with _SPAWNING, _sigint_blocked(), _titled(f"coe-{self.name}"):
@@ -269,7 +293,7 @@ class VllmLocalEngine:
 
     def _sampling(self, sampling: SamplingParams, prompt: Prompt, prompt_len: int) -> Any:
         from vllm import SamplingParams as VllmSampling
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         room = self.spec.max_model_len - prompt_len
         if room < 1:
@@ -280,17 +304,55 @@ class VllmLocalEngine:
         # A run that ignores EOS (benchmarks) must not end at the format's stops either.
         stops = [] if sampling.ignore_eos else list(sampling.stop + format_stops(prompt))
         stop_ids = [] if sampling.ignore_eos else self._stop_ids
+        guided = guided_json(prompt.tools, sampling.response_format)
+        structured = None
+        if guided is True:
+            structured = StructuredOutputsParams(json_object=True)
+        elif guided is not None:
+            structured = StructuredOutputsParams(json=guided)
+        vocab = len(self._tokenizer) if self._tokenizer is not None else None
+        bias = {}
+        for token, value in sampling.logit_bias:
+            if vocab is not None and not 0 <= token < vocab:
+                raise BadRequestError(
+                    f"logit_bias: token id {token} is outside expert engine {self.name}'s "
+                    f"vocabulary (0..{vocab - 1})"
+                )
+            bias[token] = value
         return VllmSampling(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=min(sampling.max_tokens, room),
             repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logit_bias=bias or None,
+            logprobs=sampling.logprobs,
             seed=sampling.seed,
             stop=stops or None,
             stop_token_ids=stop_ids or None,
             ignore_eos=sampling.ignore_eos,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
+
+    def _parser(self, spec: ToolSpec | None) -> Any:
+        """vLLM's tool parser for a tool_choice "auto" request; None when nothing is parsed."""
+        if spec is None or not spec.tools or spec.choice != "auto":
+            return None
+        if spec.parser is None:
+            raise BadRequestError(
+                f"tool_choice 'auto' needs a tool_parser on the expert (engine {self.name})"
+            )
+        from vllm.tool_parsers import ToolParserManager
+
+        try:
+            parser_cls = ToolParserManager.get_tool_parser(spec.parser)
+        except KeyError:
+            raise ConfigurationError(
+                f"tool_parser: vLLM has no tool parser {spec.parser!r} (engine {self.name})"
+            ) from None
+        return parser_cls(self._tokenizer)
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
@@ -304,6 +366,8 @@ class VllmLocalEngine:
 
         ids = render_token_ids(self._tokenizer, prompt)
         params = self._sampling(sampling, prompt, len(ids))
+        parser = self._parser(prompt.tools)
+        shaper = _ToolShaper(prompt.tools, parser)
         rid = request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
@@ -314,12 +378,21 @@ class VllmLocalEngine:
                 async for out in results:
                     seq = out.outputs[0]
                     completion_tokens += len(seq.token_ids)
+                    logprobs = self._logprobs(seq, sampling.logprobs)
                     if out.finished:
                         usage = Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens)
-                        yield Chunk(text=seq.text, finish_reason=seq.finish_reason, usage=usage)
+                        for chunk in shaper.finish(seq.text, seq.finish_reason):
+                            yield chunk
+                        yield Chunk(
+                            text="", finish_reason=shaper.finish_reason, usage=usage,
+                            logprobs=logprobs,
+                        )  # fmt: skip
                         return
-                    if seq.text:
-                        yield Chunk(text=seq.text)
+                    chunk = shaper.piece(seq.text)
+                    if chunk is not None or logprobs:
+                        chunk = chunk or Chunk(text="")
+                        chunk.logprobs = logprobs
+                        yield chunk
         except EngineDeadError as exc:
             raise EngineError(
                 f"engine {self.name} died while serving the request; it restarts, retry shortly",
@@ -330,6 +403,30 @@ class VllmLocalEngine:
             raise EngineError(f"engine {self.name} failed the request: {cause}") from exc
         # generate() ended without a finished output: only happens if the engine went away.
         raise EngineError(f"engine {self.name} ended the request without finishing", retryable=True)
+
+    def _logprobs(self, seq: Any, top: int | None) -> list[TokenLogprob] | None:
+        """The new tokens' log probabilities (vLLM: per position, token id -> Logprob, the
+        sampled token and the ``top`` most likely)."""
+        if top is None or not seq.logprobs:
+            return None
+        out = []
+        for token_id, ranked in zip(seq.token_ids, seq.logprobs, strict=False):
+            chosen = ranked.get(token_id)
+            best = sorted(ranked.items(), key=lambda kv: kv[1].rank or 0)[:top]
+            out.append(
+                TokenLogprob(
+                    token=self._token_text(token_id, chosen),
+                    logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                    top=[(self._token_text(t, lp), float(lp.logprob)) for t, lp in best],
+                )
+            )
+        return out
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        text = getattr(logprob, "decoded_token", None)
+        if text is None:
+            text = self._tokenizer.decode([token_id])
+        return str(text)
 
     async def rpc(self, method: str, *args: Any) -> Any:
         """Call a method of the worker extension in the engine's worker; the first worker's
@@ -387,6 +484,92 @@ class VllmLocalEngine:
             await self._close_llm()
 
 
+class _ToolShaper:
+    """Turns an engine's text into what a tools request answers with.
+
+    - no tools, or tool_choice none: the text as it comes;
+    - a forced function: the text is the call's arguments, streamed as argument pieces of
+      call 0 (the first piece carries its id and name);
+    - ``required`` over several functions: the text is a JSON array of calls, read at the end;
+    - ``auto``: the text is read by the expert's vLLM tool parser at the end (no streaming of
+      a possible call: the parser needs the whole text to tell text from a call).
+    """
+
+    def __init__(self, spec: ToolSpec | None, parser: Any):
+        self.spec = spec
+        self.parser = parser
+        self.forced = forced_function(spec)
+        self.buffered = spec is not None and spec.tools and spec.choice != "none"
+        self.buffered = bool(self.buffered) and self.forced is None
+        self.started = False
+        self._text = ""
+        self.finish_reason: str | None = None
+
+    def piece(self, text: str) -> Chunk | None:
+        if not text:
+            return None
+        if self.forced is not None:
+            delta = ToolCallDelta(index=0, arguments=text)
+            if not self.started:
+                self.started = True
+                delta.id, delta.name = new_call_id(), self.forced
+            return Chunk(text="", tool_calls=[delta])
+        if self.buffered:
+            self._text += text
+            return None
+        return Chunk(text=text)
+
+    def finish(self, text: str, reason: str | None) -> list[Chunk]:
+        """The chunks the last output makes; sets ``finish_reason``."""
+        self.finish_reason = reason
+        if self.forced is not None:
+            out = [c for c in [self.piece(text)] if c is not None]
+            if not self.started:  # nothing generated at all: still a call, with no arguments
+                out.append(Chunk("", tool_calls=[ToolCallDelta(0, new_call_id(), self.forced)]))
+            if reason == "stop" and self.spec is not None and self.spec.choice == "required":
+                self.finish_reason = TOOL_CALLS
+            return out
+        if not self.buffered:
+            return [Chunk(text=text)] if text else []
+        whole = self._text + text
+        calls: list[ToolCall] = []
+        content = whole
+        if reason == "stop":  # an answer cut by max_tokens stays text, with reason "length"
+            calls, content = self._calls(whole)
+        if calls:
+            self.finish_reason = TOOL_CALLS
+        deltas = [ToolCallDelta(i, c.id, c.name, c.arguments) for i, c in enumerate(calls)]
+        return [Chunk(text=content, tool_calls=deltas)] if content or deltas else []
+
+    def _calls(self, text: str) -> tuple[list[ToolCall], str]:
+        assert self.spec is not None
+        if self.spec.choice == "required":
+            try:
+                return calls_from_required(text), ""
+            except (ValueError, KeyError, TypeError):
+                return [], text
+        if self.parser is None:
+            return [], text
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest(
+            model="coe",
+            messages=[{"role": "user", "content": ""}],
+            tools=[t.as_dict() for t in self.spec.tools],
+            tool_choice="auto",
+        )
+        found = self.parser.extract_tool_calls(text, request)
+        if not found.tools_called:
+            return [], text
+        calls = [
+            ToolCall(c.id or new_call_id(), c.function.name, c.function.arguments or "{}")
+            for c in found.tool_calls
+        ]
+        if not self.spec.parallel:
+            calls = calls[:1]
+        return calls, found.content or ""
+
+
 class VllmKind:
     """`engine: vllm` (or no `engine:`): the expert's model runs in this process's vLLM."""
 
@@ -404,6 +587,13 @@ class VllmKind:
     @classmethod
     def backend(cls, expert: ExpertView) -> str:
         return expert.model or ""
+
+    @classmethod
+    def tool_choices(cls, expert: ExpertView) -> frozenset[ToolChoice]:
+        """Forced calls on any model (guided decoding); ``auto`` with a tool_parser only."""
+        assert isinstance(expert, VllmExpertFields)
+        forced: frozenset[ToolChoice] = frozenset({"none", "required", "function"})
+        return forced | {"auto"} if expert.tool_parser else forced
 
     @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> VllmSpec:

@@ -156,7 +156,7 @@ def from_exception(exc: BaseException, expert: str) -> APIError:
             return unavailable(f"expert {expert} is restarting; retry the request shortly")
         return unavailable(f"expert {expert} could not serve the request")
     if isinstance(exc, (BadRequestError, ValueError)):
-        return invalid(str(exc))
+        return invalid(str(exc), param=getattr(exc, "param", None))
     log.error("unexpected error from expert %s", expert, exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
 

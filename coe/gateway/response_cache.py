@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
 
 from coe.config import PoolConfig, ResponseCacheSettings
 from coe.gateway import metrics
 from coe.gateway.call import Call
 from coe.orchestrator import named_expert
 from coe.store import Store
-from coe.types import RouteDecision, Usage
+from coe.types import Message, RouteDecision, TokenLogprob, ToolCall, Usage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,21 @@ class Answer:
     finish_reasons: list[str | None]
     usage: Usage
     cache: str = "miss"
+    # Per choice: its tool calls, and its tokens' log probabilities when asked for.
+    tool_calls: list[list[ToolCall]] = field(default_factory=list)
+    logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
+
+    def calls(self, i: int) -> list[ToolCall]:
+        return self.tool_calls[i] if i < len(self.tool_calls) else []
+
+    def choice_logprobs(self, i: int) -> list[TokenLogprob] | None:
+        return self.logprobs[i] if i < len(self.logprobs) else None
+
+    def turns(self) -> list[Message]:
+        """Each choice as the assistant turn a client sends back in its next request."""
+        return [
+            Message("assistant", text, tuple(self.calls(i))) for i, text in enumerate(self.texts)
+        ]
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -39,6 +55,11 @@ class Answer:
                 "texts": self.texts,
                 "finish_reasons": self.finish_reasons,
                 "usage": [self.usage.prompt_tokens, self.usage.completion_tokens],
+                "tool_calls": [[asdict(c) for c in calls] for calls in self.tool_calls],
+                "logprobs": [
+                    None if lps is None else [[lp.token, lp.logprob, lp.top] for lp in lps]
+                    for lps in self.logprobs
+                ],
             }
         ).encode()
 
@@ -53,6 +74,13 @@ class Answer:
             finish_reasons=data["finish_reasons"],
             usage=Usage(*data["usage"]),
             cache="hit",
+            tool_calls=[[ToolCall(**c) for c in calls] for calls in data.get("tool_calls", [])],
+            logprobs=[
+                None
+                if lps is None
+                else [TokenLogprob(t, v, [(a, b) for a, b in top]) for t, v, top in lps]
+                for lps in data.get("logprobs", [])
+            ],
         )
 
 
@@ -73,8 +101,10 @@ class ResponseCache:
             {
                 "pool": self.pool,
                 "model": req.model,
-                "messages": [[m.role, m.content] for m in call.messages],
+                "messages": [_turn(m) for m in call.messages],
                 "sampling": req.sampling(),
+                # A plain answer is never one to a request with tools, nor the other way round.
+                "tools": req.tool_spec(),
                 "n": req.n,
                 "session": call.session,
                 # A sampled answer kept on request is only for requests that ask the same way.
@@ -84,6 +114,7 @@ class ResponseCache:
             },
             sort_keys=True,
             ensure_ascii=False,
+            default=_plain,
         )
         return "response:" + hashlib.sha256(blob.encode()).hexdigest()
 
@@ -145,3 +176,17 @@ class ResponseCache:
         """Keep a whole answer that ``status`` called a "miss"."""
         if answer.cache == "miss":
             await self.store.set(self.key(call), answer.to_json(), self.settings.ttl_s)
+
+
+def _turn(m: Message) -> list[Any]:
+    turn: list[Any] = [m.role, m.content]
+    if m.tool_calls or m.tool_call_id is not None:
+        turn += [[asdict(c) for c in m.tool_calls], m.tool_call_id]
+    return turn
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the key's dataclasses (a ToolSpec, a ResponseFormat)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")

@@ -6,11 +6,13 @@ its routing to the standard shapes only in headers (x-coe-*) and in /v1/route.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from coe.types import Message, Usage
+from coe.types import Message, TokenLogprob, Tool, ToolCall, ToolSpec, Usage
+from coe.types import ResponseFormat as ResponseFormatSpec
 
 INT64_MAX = 2**63 - 1
 
@@ -24,17 +26,36 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCallParam(_Request):
+    """A call in an assistant turn of the history, as the client got it."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # None only for an assistant turn (clients echo such turns back as they got them).
-    content: str | list[TextPart] | None
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content: required for a {self.role} message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: required for a tool message")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message has tool calls")
         return self
 
     def to_message(self) -> Message:
@@ -45,7 +66,31 @@ class ChatMessage(_Request):
         else:
             text = "".join(p.text for p in self.content)
         role = "system" if self.role == "developer" else self.role
-        return Message(role=role, content=text)
+        calls = tuple(
+            ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()
+        )
+        return Message(role=role, content=text, tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+class FunctionDef(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Request):
@@ -53,9 +98,37 @@ class StreamOptions(_Request):
     include_obfuscation: bool | None = None  # OpenAI's; there is nothing to obfuscate here
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is json_schema")
+        return self
+
+    def spec(self) -> ResponseFormatSpec | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object" or self.json_schema is None:
+            return ResponseFormatSpec("json_object")
+        schema = self.json_schema.schema_ or {"type": "object"}
+        return ResponseFormatSpec(
+            "json_schema",
+            schema=json.dumps(schema, sort_keys=True),
+            name=self.json_schema.name,
+            strict=bool(self.json_schema.strict),
+        )
 
 
 class ChatCompletionRequest(_Request):
@@ -83,8 +156,8 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolParam] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # Bookkeeping fields: accepted, and they change nothing.
     metadata: dict[str, str] | None = None
@@ -100,22 +173,53 @@ class ChatCompletionRequest(_Request):
             raise ValueError("stop: sequences must not be empty")
         if not any(m.role == "user" for m in self.messages):
             raise ValueError("messages: the conversation has no user message")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice: function {self.tool_choice.function.name!r} is not in tools"
+                )
+        elif self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs tools")
         return self
 
     def check_supported(self) -> tuple[str, str] | None:
         """(param, why) for the first parameter coe cannot honour, else None."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return name, f"{name} is not supported; leave it out or send 0"
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "log probabilities are not supported"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", "only response_format type 'text' is supported"
-        if self.tools or self.tool_choice not in (None, "none"):
-            return "tools", "tool calling is not supported by coe's experts"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.isdigit():
+                return "logit_bias", f"logit_bias keys are token ids; {token!r} is not one"
+            if not -100 <= bias <= 100:
+                return "logit_bias", f"logit_bias values are within -100..100; got {bias}"
+        tools = self.tool_spec()
+        structured = self.response_format is not None and self.response_format.type != "text"
+        if tools is not None and tools.choice != "none" and structured:
+            return "response_format", "response_format cannot be combined with tools"
         return None
+
+    def tool_spec(self) -> ToolSpec | None:
+        """The request's tools and tool choice (None: no tools)."""
+        if not self.tools:
+            return None
+        tools = tuple(
+            Tool(
+                name=t.function.name,
+                description=t.function.description or "",
+                parameters=json.dumps(
+                    t.function.parameters or {"type": "object", "properties": {}}, sort_keys=True
+                ),
+            )
+            for t in self.tools
+        )
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            return ToolSpec(
+                tools, "function", choice.function.name, self.parallel_tool_calls is not False
+            )
+        return ToolSpec(tools, choice, None, self.parallel_tool_calls is not False)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -134,6 +238,13 @@ class ChatCompletionRequest(_Request):
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
             "stop": self.stop_list() or None,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {int(t): b for t, b in self.logit_bias.items()}
+            if self.logit_bias
+            else None,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "response_format": self.response_format.spec() if self.response_format else None,
         }
 
 
@@ -151,16 +262,68 @@ class UsageInfo(BaseModel):
         )
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, lp: TokenLogprob) -> TokenLogprobOut:
+        return cls(
+            token=lp.token,
+            logprob=max(lp.logprob, -9999.0),  # JSON has no -inf
+            bytes=list(lp.token.encode()),
+            top_logprobs=[
+                TopLogprob(token=t, logprob=max(v, -9999.0), bytes=list(t.encode()))
+                for t, v in lp.top
+            ],
+        )
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        if logprobs is None:
+            return None
+        return cls(content=[TokenLogprobOut.of(lp) for lp in logprobs])
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -172,16 +335,29 @@ class ChatCompletion(BaseModel):
     usage: UsageInfo
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaOut(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -21,11 +21,13 @@ from coe.gateway.schema import (
     AssistantMessage,
     ChatCompletion,
     Choice,
+    ChoiceLogprobs,
     Delta,
     ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelList,
+    ToolCallOut,
     UsageInfo,
 )
 from coe.orchestrator import (
@@ -37,7 +39,16 @@ from coe.orchestrator import (
     UnknownModelError,
     model_names,
 )
-from coe.types import Chunk, Message, RouteDecision, Usage
+from coe.types import (
+    Chunk,
+    Completion,
+    Message,
+    RouteDecision,
+    TokenLogprob,
+    ToolCallAssembler,
+    Usage,
+    collect,
+)
 
 
 class ChatService:
@@ -116,6 +127,7 @@ class ChatService:
         with served_by(decision.expert):
             plan = await self.orch.prepare(decision, call.messages, how=how)
             sampling = call.request.sampling()
+            tools = call.request.tool_spec()
             if sampling["seed"] is None:
                 sampling["seed"] = self.config.expert(decision.expert).sampling.seed
             streams = []
@@ -124,7 +136,7 @@ class ChatService:
                 if params["seed"] is not None:
                     params["seed"] = int(params["seed"]) + i  # n seeded choices must differ
                 _, _, chunks = await self.orch.stream(
-                    call.messages, plan=plan, request_id=f"{call.id}-{i}", **params
+                    call.messages, plan=plan, request_id=f"{call.id}-{i}", tools=tools, **params
                 )
                 streams.append(chunks)
         return plan, streams
@@ -145,7 +157,7 @@ class ChatService:
     async def _remember(self, call: Call, answer: Answer) -> None:
         # Sessions belong to the client: another key sending the same id starts its own.
         await self.orch.remember(
-            call.messages, answer.decision, answer.texts, call.session, call.client.subject
+            call.messages, answer.decision, answer.turns(), call.session, call.client.subject
         )
 
     def _account(self, call: Call, expert: str, usage: Usage) -> None:
@@ -174,10 +186,12 @@ class ChatService:
         decision = plan.route.decision  # the expert that answered: a fallback, if one did
         answer = Answer(
             decision=decision,
-            texts=[text for text, _, _ in results],
-            finish_reasons=[finish for _, finish, _ in results],
-            usage=_total_usage([usage for _, _, usage in results]),
+            texts=[r.text for r in results],
+            finish_reasons=[r.finish_reason for r in results],
+            usage=_total_usage([r.usage for r in results]),
             cache=self._cache_status(call, plan),
+            tool_calls=[r.tool_calls for r in results],
+            logprobs=[r.logprobs for r in results],
         )
         self._account(call, decision.expert, answer.usage)
         await self._keep(call, answer)
@@ -198,8 +212,13 @@ class ChatService:
             choices=[
                 Choice(
                     index=i,
-                    message=AssistantMessage(content=text),
+                    message=AssistantMessage(
+                        # A turn of calls only has no text: null, as OpenAI sends it.
+                        content=text if text or not answer.calls(i) else None,
+                        tool_calls=[ToolCallOut.of(c) for c in answer.calls(i)] or None,
+                    ),
                     finish_reason=answer.finish_reasons[i],
+                    logprobs=ChoiceLogprobs.of(answer.choice_logprobs(i)),
                 )
                 for i, text in enumerate(answer.texts)
             ],
@@ -232,6 +251,8 @@ class ChatService:
     ) -> AsyncIterator[str]:
         n = call.request.n
         texts: list[list[str]] = [[] for _ in range(n)]
+        calls = [ToolCallAssembler() for _ in range(n)]
+        logprobs: list[list[TokenLogprob] | None] = [None] * n
         finishes: list[str | None] = [None] * n
         usages: list[Usage | None] = [None] * n
         timed = False
@@ -242,18 +263,30 @@ class ChatService:
                     yield sse.chunk_event(call, expert, i, Delta(role="assistant", content=""))
                 pending = [first] if first is not None else []
                 async for index, chunk in sse.chain(pending, chunks):
-                    if chunk.text:
+                    if chunk.logprobs is not None:
+                        logprobs[index] = (logprobs[index] or []) + chunk.logprobs
+                    if chunk.text or chunk.tool_calls:
                         if not timed:
                             timed = True
                             metrics.FIRST_TOKEN_SECONDS.labels(expert).observe(
                                 time.perf_counter() - call.started
                             )
                         texts[index].append(chunk.text)
-                        yield sse.chunk_event(call, expert, index, Delta(content=chunk.text))
+                        calls[index].add(chunk.tool_calls)
+                        delta = Delta(
+                            content=chunk.text or None,
+                            tool_calls=sse.tool_call_deltas(chunk.tool_calls) or None,
+                        )
+                        yield sse.chunk_event(call, expert, index, delta, None, chunk.logprobs)
+                    elif chunk.logprobs and chunk.finish_reason is None:
+                        yield sse.chunk_event(call, expert, index, Delta(), None, chunk.logprobs)
                     if chunk.finish_reason is not None:
                         finishes[index] = chunk.finish_reason
                         usages[index] = chunk.usage or Usage()
-                        yield sse.chunk_event(call, expert, index, Delta(), chunk.finish_reason)
+                        last = chunk.logprobs if not (chunk.text or chunk.tool_calls) else None
+                        yield sse.chunk_event(
+                            call, expert, index, Delta(), chunk.finish_reason, last
+                        )
         except Exception as exc:  # the status is sent; the error travels as the last event
             error = from_exception(exc, expert)
             yield sse.event(ErrorResponse(error=error.body).model_dump_json())
@@ -270,6 +303,8 @@ class ChatService:
             finishes,
             _total_usage([u or Usage() for u in usages]),
             cache,
+            tool_calls=[c.calls() for c in calls],
+            logprobs=logprobs,
         )
         # Before [DONE]: a client that hangs up once it has the answer must not undo this.
         await self._keep(call, answer)
@@ -284,18 +319,9 @@ def _total_usage(usages: list[Usage]) -> Usage:
     return Usage(prompt, sum(u.completion_tokens for u in usages))
 
 
-async def _collect(stream: AsyncIterator[Chunk]) -> tuple[str, str | None, Usage]:
-    parts, finish, usage = [], None, Usage()
-    async for chunk in stream:
-        parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            finish, usage = chunk.finish_reason, chunk.usage or Usage()
-    return "".join(parts), finish, usage
-
-
-async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[tuple[str, str | None, Usage]]:
+async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[Completion]:
     """All choices at once; if one fails, the others are cancelled (and aborted in the engine)."""
-    tasks = [asyncio.ensure_future(_collect(s)) for s in streams]
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

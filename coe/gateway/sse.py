@@ -9,8 +9,16 @@ from collections.abc import AsyncIterator
 
 from coe.gateway.call import Call
 from coe.gateway.response_cache import Answer
-from coe.gateway.schema import ChatCompletionChunk, ChunkChoice, Delta, UsageInfo
-from coe.types import Chunk, Usage
+from coe.gateway.schema import (
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionCallDelta,
+    ToolCallDeltaOut,
+    UsageInfo,
+)
+from coe.types import Chunk, TokenLogprob, ToolCallDelta, Usage
 
 DONE = "[DONE]"
 
@@ -25,15 +33,31 @@ def include_usage(call: Call) -> bool:
 
 
 def chunk_event(
-    call: Call, expert: str, index: int, delta: Delta, finish: str | None = None
+    call: Call,
+    expert: str,
+    index: int,
+    delta: Delta,
+    finish: str | None = None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> str:
-    chunk = ChatCompletionChunk(
-        id=call.id,
-        created=call.created,
-        model=expert,
-        choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
+    choice = ChunkChoice(
+        index=index, delta=delta, finish_reason=finish, logprobs=ChoiceLogprobs.of(logprobs)
     )
+    chunk = ChatCompletionChunk(id=call.id, created=call.created, model=expert, choices=[choice])
     return event(chunk.model_dump_json(exclude_none=False))
+
+
+def tool_call_deltas(deltas: list[ToolCallDelta]) -> list[ToolCallDeltaOut]:
+    """Tool-call pieces in OpenAI's streaming shape (id, type and name on a call's first)."""
+    return [
+        ToolCallDeltaOut(
+            index=d.index,
+            id=d.id,
+            type="function" if d.id is not None else None,
+            function=FunctionCallDelta(name=d.name, arguments=d.arguments),
+        )
+        for d in deltas
+    ]
 
 
 def usage_event(call: Call, expert: str, usage: Usage) -> str:
@@ -49,7 +73,11 @@ async def replay(call: Call, answer: Answer) -> AsyncIterator[str]:
     expert = answer.decision.expert
     for i, text in enumerate(answer.texts):
         yield chunk_event(call, expert, i, Delta(role="assistant", content=""))
-        yield chunk_event(call, expert, i, Delta(content=text))
+        calls = [ToolCallDelta(n, c.id, c.name, c.arguments) for n, c in enumerate(answer.calls(i))]
+        if text or not calls:
+            yield chunk_event(call, expert, i, Delta(content=text), None, answer.choice_logprobs(i))
+        if calls:
+            yield chunk_event(call, expert, i, Delta(tool_calls=tool_call_deltas(calls)))
         yield chunk_event(call, expert, i, Delta(), answer.finish_reasons[i])
     if include_usage(call):
         yield usage_event(call, expert, answer.usage)

@@ -25,7 +25,13 @@ from coe.engines.base import EngineError
 from coe.orchestrator import decisions
 from coe.orchestrator.decisions import AUTO, CALLER_REASON, CATEGORY_PREFIX, How
 from coe.orchestrator.generation import Generation, Route, falls_back, within_deadlines
-from coe.orchestrator.prompting import build_prompt, sampling_for, to_messages, with_shaping
+from coe.orchestrator.prompting import (
+    build_prompt,
+    check_tools,
+    sampling_for,
+    to_messages,
+    with_shaping,
+)
 from coe.orchestrator.sessions import Sessions
 from coe.prompts.identity import IdentityWriter
 from coe.prompts.strategies import NONE as NO_SHAPING
@@ -33,7 +39,16 @@ from coe.prompts.strategies import Shaping, Strategies
 from coe.router.base import Embedder, Router
 from coe.router.embed import RecentEmbeddings
 from coe.store import MemoryStore, Store
-from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage, collect
+from coe.types import (
+    Chunk,
+    Message,
+    Prompt,
+    RouteDecision,
+    SamplingParams,
+    ToolSpec,
+    Usage,
+    collect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +168,10 @@ class Orchestrator:
         """
         if model == AUTO:
             sticky = await self.sessions.lookup(messages, session, owner)
-            if sticky is not None and not self._tells_new_tasks():
+            # Tool results go back to the expert that made the calls, whatever the router
+            # would say of the conversation now.
+            answers_calls = bool(messages) and messages[-1].role == "tool"
+            if sticky is not None and (answers_calls or not self._tells_new_tasks()):
                 return sticky, "session"
             if self.router is None:
                 return self._route(messages, None)
@@ -177,7 +195,7 @@ class Orchestrator:
         self,
         messages: Sequence[Message],
         decision: RouteDecision,
-        answers: Iterable[str],
+        answers: Iterable[str | Message],
         session: str | None = None,
         owner: str = "",
     ) -> None:
@@ -241,6 +259,7 @@ class Orchestrator:
         request_id: str | None = None,
         decision: RouteDecision | None = None,
         plan: Plan | None = None,
+        tools: ToolSpec | None = None,
         **sampling: Any,
     ) -> tuple[RouteDecision, Prompt, Generation]:
         """Decide and shape now; return the decision, the final prompt and the token stream.
@@ -252,6 +271,9 @@ class Orchestrator:
         The stream keeps to the expert's deadlines (experts.yaml ``deadlines:``) and, when the
         expert is down before its first token, goes on with the category's fallback experts:
         the stream's ``decision`` (and ``plan.route.decision``) then names the one answering.
+
+        ``tools``: the functions the expert may call; an expert that cannot honour the tool
+        choice is refused at once (ToolsUnsupportedError, a BadRequestError naming it).
         """
         msgs = to_messages(messages)
         if not any(m.role == "user" for m in msgs):
@@ -262,8 +284,9 @@ class Orchestrator:
                 decision, how = self._route(msgs, expert)
             plan = await self.prepare(decision, msgs, system, how)
         chosen = self.config.expert(plan.decision.expert)
-        prompt = build_prompt(chosen, msgs, system, plan.shaping)
-        chunks = self._generate(plan, msgs, system, sampling, request_id)
+        check_tools(chosen, tools)
+        prompt = build_prompt(chosen, msgs, system, plan.shaping, tools)
+        chunks = self._generate(plan, msgs, system, sampling, request_id, tools)
         return plan.decision, prompt, Generation(plan.route, chunks)
 
     async def _generate(
@@ -273,6 +296,7 @@ class Orchestrator:
         system: str | None,
         sampling: dict[str, Any],
         request_id: str | None,
+        tools: ToolSpec | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """The answer from the route's expert; if it fails before its first token, from the
         next one (a fallback gets the prompt and sampling of its own entry). Never once text
@@ -281,7 +305,8 @@ class Orchestrator:
         for attempt in itertools.count():
             expert = route.expert
             chosen = self.config.expert(expert)
-            prompt = build_prompt(chosen, messages, system, plan.shaping)
+            check_tools(chosen, tools)  # a fallback expert too
+            prompt = build_prompt(chosen, messages, system, plan.shaping, tools)
             params = sampling_for(chosen, **sampling)
             # A fresh id per attempt: the aborted one may still be on its way out of an engine
             # the next expert shares.

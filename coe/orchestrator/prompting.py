@@ -8,9 +8,12 @@ from dataclasses import replace
 from typing import Any
 
 from coe.config import Expert
+from coe.engines.base import tool_choices
+from coe.engines.registry import engine_kind
+from coe.errors import BadRequestError
 from coe.prompts.strategies import NONE as NO_SHAPING
 from coe.prompts.strategies import Shaping
-from coe.types import Message, Prompt, RouteDecision, SamplingParams
+from coe.types import Message, Prompt, RouteDecision, SamplingParams, ToolSpec
 
 
 def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
@@ -19,7 +22,7 @@ def to_messages(raw: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
         if isinstance(m, Message):
             out.append(m)
         else:
-            out.append(Message(role=m["role"], content=str(m["content"])))
+            out.append(Message(role=m["role"], content=str(m.get("content") or "")))
     return out
 
 
@@ -39,6 +42,7 @@ def build_prompt(
     messages: list[Message],
     system: str | None = None,
     shaping: Shaping = NO_SHAPING,
+    tools: ToolSpec | None = None,
 ) -> Prompt:
     """System text, then the strategy's demos, then the conversation.
 
@@ -57,7 +61,31 @@ def build_prompt(
     for demo in shaping.demos:
         demos += [Message("user", demo.input), Message("assistant", demo.output)]
     final = ([Message("system", system_text)] if system_text else []) + demos + turns
-    return Prompt(messages=tuple(final), format=expert.prompt_format)
+    if tools is not None:
+        # The expert's own tool-call parser reads its calls (engine kinds that have one).
+        tools = replace(tools, parser=getattr(expert, "tool_parser", None))
+    return Prompt(messages=tuple(final), format=expert.prompt_format, tools=tools)
+
+
+def check_tools(expert: Expert, tools: ToolSpec | None) -> None:
+    """A request with tools for an expert that cannot honour its tool choice is refused,
+    naming the expert and what it lacks."""
+    if tools is None or not tools.tools:
+        return
+    if tools.choice in tool_choices(engine_kind(expert.engine), expert):
+        return
+    if tools.choice == "auto" and expert.engine == "vllm":
+        why = (
+            "has no tool_parser in experts.yaml, so it cannot choose between text and a call; "
+            "send tool_choice 'required' or a named function, or use an expert with one"
+        )
+    else:
+        why = f"cannot call tools (tool_choice {tools.choice!r})"
+    raise ToolsUnsupportedError(f"expert {expert.name} {why}", param="tool_choice")
+
+
+class ToolsUnsupportedError(BadRequestError):
+    """A request with tools went to an expert that cannot honour them (HTTP 400)."""
 
 
 def sampling_for(expert: Expert, **overrides: Any) -> SamplingParams:
@@ -73,4 +101,8 @@ def sampling_for(expert: Expert, **overrides: Any) -> SamplingParams:
     given = {k: v for k, v in overrides.items() if v is not None}
     if "stop" in given:
         given["stop"] = tuple(given["stop"])
+    if "logit_bias" in given:
+        given["logit_bias"] = tuple(
+            (int(t), float(b)) for t, b in dict(given["logit_bias"]).items()
+        )
     return replace(params, **given)

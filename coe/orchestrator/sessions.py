@@ -21,7 +21,13 @@ from coe.types import Message, RouteDecision
 
 
 def conversation_hash(messages: Sequence[Message]) -> str:
-    blob = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
+    turns: list[list[object]] = []
+    for m in messages:
+        turn: list[object] = [m.role, m.content]
+        if m.tool_calls:  # a call is known by its function and arguments (ids are ours)
+            turn.append([[c.name, c.arguments] for c in m.tool_calls])
+        turns.append(turn)
+    blob = json.dumps(turns, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -52,8 +58,13 @@ class Sessions:
         keys = []
         if session:
             keys.append(_session_key(owner, session))
+        # The conversation up to the expert's last answer: before the latest user turn, or
+        # before the tool results that answer its calls.
         last_user = max(i for i, m in enumerate(messages) if m.role == "user")
-        earlier = messages[:last_user]
+        end = len(messages) if messages[-1].role == "tool" else last_user
+        while end > 0 and messages[end - 1].role == "tool":
+            end -= 1
+        earlier = messages[:end]
         if earlier and earlier[-1].role == "assistant":
             keys.append(_conversation_key(owner, earlier))
         for key in keys:
@@ -70,15 +81,16 @@ class Sessions:
         self,
         messages: Sequence[Message],
         decision: RouteDecision,
-        answers: Iterable[str],
+        answers: Iterable[str | Message],
         session: str | None = None,
         owner: str = "",
     ) -> None:
         """Store the expert for ``owner``'s next turn of the conversation (each answer appended
-        to it)."""
+        to it: its text, or the assistant turn with its tool calls)."""
         value = json.dumps({"expert": decision.expert, "category": decision.category}).encode()
-        for text in dict.fromkeys(answers):  # the client may go on from any choice
-            following = [*messages, Message("assistant", text)]
+        turns = [a if isinstance(a, Message) else Message("assistant", a) for a in answers]
+        for turn in dict.fromkeys(turns):  # the client may go on from any choice
+            following = [*messages, turn]
             await self.store.set(_conversation_key(owner, following), value, self.ttl_s)
         if session:
             await self.store.set(_session_key(owner, session), value, self.ttl_s)

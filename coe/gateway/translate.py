@@ -1,0 +1,55 @@
+"""What the other protocols' front ends share (Anthropic Messages in anthropic.py, Responses in
+responses.py, legacy completions in completions.py): each turns its request into a chat
+completions request and goes through ChatService like /v1/chat/completions (routing, the
+response cache, rate limits, token accounting, sessions), then turns the answer back into its
+own shapes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from coe.gateway.auth import Client
+from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
+from coe.gateway.errors import invalid
+from coe.gateway.schema import ChatCompletionRequest
+
+
+def chat_request(fields: dict[str, Any], params: Mapping[str, str]) -> ChatCompletionRequest:
+    """The chat completions request for a translated one; a 400 (naming the caller's field, by
+    ``params``: chat field -> the protocol's) when it is not valid as one."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ())]
+        param = params.get(loc[0], loc[0]) if loc else None
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        for chat, own in params.items():
+            message = message.replace(f"{chat}:", f"{own}:")
+        raise invalid(message, param=param) from None
+
+
+def call_for(
+    request: ChatCompletionRequest, client: Client, headers: Mapping[str, str], id_prefix: str
+) -> Call:
+    """The Call (with the x-coe-session and x-coe-cache-control headers) under an id of the
+    protocol's own kind (msg_, resp_, cmpl-)."""
+    return Call(
+        request,
+        client,
+        session=headers.get(SESSION_HEADER),
+        cache_control=headers.get(CACHE_CONTROL_HEADER),
+        id=id_prefix + uuid.uuid4().hex,
+    )
+
+
+def named_event(name: str, data: str) -> str:
+    """A server-sent event with an event name (Anthropic's and the Responses API's framing)."""
+    return f"event: {name}\ndata: {data}\n\n"
+
+
+STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

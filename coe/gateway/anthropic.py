@@ -163,8 +163,11 @@ async def events(message_id: str, chunks: AsyncIterator[ChatCompletionChunk]) ->
 
 def error(status: int, body: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI-shaped error body (whatever raised it: keys, limits, validation, the service)
-    in Anthropic's shape, for the same status."""
+    in Anthropic's shape, for the same status; the message starts with the param it names."""
     openai_error = body.get("error") if isinstance(body.get("error"), dict) else {}
     kind = TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
     message = str(openai_error.get("message") or "request failed")
+    param = openai_error.get("param")
+    if param and not message.startswith(str(param)):  # Anthropic's shape has no param field
+        message = f"{param}: {message}"
     return AnthropicError(error=AnthropicErrorBody(type=kind, message=message)).model_dump()

@@ -25,9 +25,12 @@ def chat_request(fields: dict[str, Any], params: Mapping[str, str]) -> ChatCompl
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ())]
-        param = params.get(loc[0], loc[0]) if loc else None
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        loc = [str(p) for p in first.get("loc", ())]
+        head = message.split(":")[0]
+        if not loc and head in fields:  # a whole-request check names the field first
+            loc = [head]
+        param = params.get(loc[0], loc[0]) if loc else None
         for chat, own in params.items():
             message = message.replace(f"{chat}:", f"{own}:")
         raise invalid(message, param=param) from None

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import anthropic
 import httpx
+import litellm
 import openai
 import pytest
 
@@ -415,3 +416,35 @@ def test_new_endpoints_are_cached_and_counted_like_chat(gw: Running) -> None:
             if name == "coe_requests_total" and ("endpoint", path) in labels
         )  # fmt: skip
         assert counted >= 1, path
+
+
+def test_litellm_as_a_client_of_every_protocol(gw: Running) -> None:
+    """LiteLLM pointed at the gateway as an OpenAI, an Anthropic, a text-completion and a
+    Responses provider (LITELLM_LOCAL_MODEL_COST_MAP is set in conftest: nothing downloaded)."""
+    msgs = user("write code please")
+    chat = litellm.completion(
+        model="openai/auto", api_base=gw.base + "/v1", api_key=KEY, messages=msgs, max_tokens=8
+    )
+    assert chat.choices[0].message.content == "coder: write code please"
+    claude_reply = litellm.completion(
+        model="anthropic/auto", api_base=gw.base, api_key=KEY, messages=msgs, max_tokens=8
+    )
+    assert claude_reply.choices[0].message.content == "coder: write code please"
+    assert claude_reply.choices[0].finish_reason == "stop"
+    assert claude_reply.usage.completion_tokens == 4
+    streamed = litellm.completion(
+        model="anthropic/auto",
+        api_base=gw.base,
+        api_key=KEY,
+        messages=msgs,
+        max_tokens=8,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == "coder: write code please"
+    text = litellm.text_completion(
+        model="text-completion-openai/coder", api_base=gw.base + "/v1", api_key=KEY, prompt="a b"
+    )
+    assert text.choices[0].text == "coder: a b"
+    answer = litellm.responses(model="openai/coder", api_base=gw.base + "/v1", api_key=KEY,
+                               input="a b")  # fmt: skip
+    assert answer.output[0].content[0].text == "coder: a b"

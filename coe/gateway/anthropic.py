@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from coe.gateway import sse
 from coe.gateway.anthropic_schema import (
     AnthropicError,
     AnthropicErrorBody,
@@ -32,7 +31,7 @@ from coe.gateway.anthropic_schema import (
     TextDelta,
 )
 from coe.gateway.schema import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
-from coe.gateway.translate import chat_request, named_event
+from coe.gateway.translate import StreamFailed, chat_request, named_event
 
 ID_PREFIX = "msg_"
 # Where a chat field's error is reported, in this API's names.
@@ -151,7 +150,7 @@ async def events(message_id: str, chunks: AsyncIterator[ChatCompletionChunk]) ->
                         yield _event(ContentBlockDelta(index=0, delta=delta))
                     if choice.finish_reason is not None:
                         finish = choice.finish_reason
-    except sse.StreamFailed as exc:
+    except StreamFailed as exc:
         kind = TYPE_BY_OPENAI_TYPE.get(exc.body.type, "api_error")
         error = AnthropicError(error=AnthropicErrorBody(type=kind, message=exc.body.message))
         yield named_event("error", error.model_dump_json())

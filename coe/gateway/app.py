@@ -46,8 +46,8 @@ from coe.gateway.schema import (
     RouteRequest,
     RouteResponse,
 )
-from coe.gateway.service import ChatService, chunks
-from coe.gateway.translate import STREAM_HEADERS, call_for
+from coe.gateway.service import ChatService
+from coe.gateway.translate import STREAM_HEADERS, call_for, chunks
 from coe.store import StoreMisconfiguredError, StoreUnavailableError
 
 T = TypeVar("T")

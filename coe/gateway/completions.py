@@ -16,7 +16,7 @@ from coe.gateway.auth import Client
 from coe.gateway.call import Call
 from coe.gateway.completions_schema import Completion, CompletionChoice, CompletionRequest
 from coe.gateway.schema import ChatCompletion, ChatCompletionChunk, ErrorResponse, UsageInfo
-from coe.gateway.translate import call_for, chat_request
+from coe.gateway.translate import StreamFailed, call_for, chat_request
 
 ID_PREFIX = "cmpl-"
 PARAMS = {"messages": "prompt"}
@@ -114,6 +114,6 @@ async def events(
                     usage=chunk.usage,
                 )
                 yield sse.event(out.model_dump_json())
-    except sse.StreamFailed as exc:
+    except StreamFailed as exc:
         yield sse.event(ErrorResponse(error=exc.body).model_dump_json())
     yield sse.event(sse.DONE)

@@ -18,7 +18,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from coe.gateway import sse
 from coe.gateway.auth import Client
 from coe.gateway.call import Call
 from coe.gateway.errors import invalid
@@ -38,7 +37,7 @@ from coe.gateway.responses_schema import (
     TextDoneEvent,
 )
 from coe.gateway.schema import ChatCompletion, ChatCompletionChunk
-from coe.gateway.translate import call_for, chat_request, named_event
+from coe.gateway.translate import StreamFailed, call_for, chat_request, named_event
 from coe.store import Store
 
 ID_PREFIX = "resp_"
@@ -209,7 +208,7 @@ class ResponsesAPI:
                             yield event(TextDeltaEvent, delta=choice.delta.content, **ids)
                         if choice.finish_reason is not None:
                             finish = choice.finish_reason
-        except sse.StreamFailed as exc:
+        except StreamFailed as exc:
             failure = ResponseError(code=exc.body.code or exc.body.type, message=exc.body.message)
             failed = self.response(turn, model, "failed", error=failure)
             yield event(ResponseEvent, type="response.failed", response=failed)

@@ -20,7 +20,6 @@ from coe.gateway.response_cache import Answer, ResponseCache
 from coe.gateway.schema import (
     AssistantMessage,
     ChatCompletion,
-    ChatCompletionChunk,
     Choice,
     Delta,
     ErrorResponse,
@@ -304,13 +303,3 @@ async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[tuple[str, s
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-async def chunks(
-    service: ChatService, call: Call
-) -> tuple[dict[str, str], AsyncIterator[ChatCompletionChunk]]:
-    """``service.stream`` as typed chunks, for the framings of the other protocols (Anthropic
-    Messages, Responses, completions): the same cache, sessions, accounting and headers. An
-    error after the stream began raises sse.StreamFailed."""
-    headers, events = await service.stream(call)
-    return headers, sse.decode(events)

@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 
 from coe.gateway.call import Call
 from coe.gateway.response_cache import Answer
-from coe.gateway.schema import (
-    ChatCompletionChunk,
-    ChunkChoice,
-    Delta,
-    ErrorBody,
-    ErrorResponse,
-    UsageInfo,
-)
+from coe.gateway.schema import ChatCompletionChunk, ChunkChoice, Delta, UsageInfo
 from coe.types import Chunk, Usage
 
 DONE = "[DONE]"
@@ -113,25 +105,3 @@ async def merge(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class StreamFailed(Exception):
-    """An error event: the stream failed after it began. ``body`` is what the client is told."""
-
-    def __init__(self, body: ErrorBody):
-        super().__init__(body.message)
-        self.body = body
-
-
-async def decode(events: AsyncIterator[str]) -> AsyncIterator[ChatCompletionChunk]:
-    """The chunks of an OpenAI event stream as typed objects (the other protocols' framings
-    start from them); an error event raises StreamFailed, [DONE] ends it."""
-    async with contextlib.aclosing(events) as framed:  # type: ignore[type-var]
-        async for framed_event in framed:
-            data = framed_event.removeprefix("data: ").rstrip("\n")
-            if data == DONE:
-                return
-            raw = json.loads(data)
-            if "error" in raw:
-                raise StreamFailed(ErrorResponse.model_validate(raw).error)
-            yield ChatCompletionChunk.model_validate(raw)

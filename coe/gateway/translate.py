@@ -6,16 +6,20 @@ own shapes."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
+from coe.gateway import sse
 from coe.gateway.auth import Client
 from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
 from coe.gateway.errors import invalid
-from coe.gateway.schema import ChatCompletionRequest
+from coe.gateway.schema import ChatCompletionChunk, ChatCompletionRequest, ErrorBody, ErrorResponse
+from coe.gateway.service import ChatService
 
 
 def chat_request(fields: dict[str, Any], params: Mapping[str, str]) -> ChatCompletionRequest:
@@ -56,3 +60,34 @@ def named_event(name: str, data: str) -> str:
 
 
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class StreamFailed(Exception):
+    """An error event: the stream failed after it began. ``body`` is what the client is told."""
+
+    def __init__(self, body: ErrorBody):
+        super().__init__(body.message)
+        self.body = body
+
+
+async def chunks(
+    service: ChatService, call: Call
+) -> tuple[dict[str, str], AsyncIterator[ChatCompletionChunk]]:
+    """ChatService.stream as typed chunks, for the other protocols' framings: the same cache,
+    sessions, accounting, headers and errors before the first chunk (APIError). The chunks are
+    read back from the OpenAI events, so that whatever chat streaming learns reaches them too;
+    an error event (after the start) raises StreamFailed."""
+    headers, events = await service.stream(call)
+    return headers, _decode(events)
+
+
+async def _decode(events: AsyncIterator[str]) -> AsyncIterator[ChatCompletionChunk]:
+    async with contextlib.aclosing(events) as framed:  # type: ignore[type-var]
+        async for framed_event in framed:
+            data = framed_event.removeprefix("data: ").rstrip("\n")
+            if data == sse.DONE:
+                return
+            raw = json.loads(data)
+            if "error" in raw:
+                raise StreamFailed(ErrorResponse.model_validate(raw).error)
+            yield ChatCompletionChunk.model_validate(raw)

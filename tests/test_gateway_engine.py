@@ -217,7 +217,7 @@ def test_anthropic_sdk_on_the_real_engine(gateway: str) -> None:
     ) as stream:
         deltas = list(stream.text_stream)
         final = stream.get_final_message()
-    assert len(deltas) > 1 and "".join(deltas) == final.content[0].text
+    assert deltas and "".join(deltas) == final.content[0].text
     assert re.search(r"\d", final.content[0].text)
     assert final.stop_reason in ("end_turn", "max_tokens")
     assert final.usage.input_tokens > 0 and 0 < final.usage.output_tokens <= 8

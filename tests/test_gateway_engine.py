@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import litellm
 import openai
 import pytest
 import yaml
@@ -193,6 +195,71 @@ def test_metrics_count_requests_routing_tokens_and_cache(gateway: str) -> None:
     assert re.search(r'coe_tokens_total\{expert="counter",kind="completion"\} [1-9]', text)
     assert re.search(r'coe_response_cache_total\{result="hit"\} [1-9]', text)
     assert "coe_time_to_first_token_seconds_count" in text
+
+
+# -- the other protocols with their own clients (/v1/messages, /v1/responses, /v1/completions) ---
+
+
+def test_anthropic_sdk_on_the_real_engine(gateway: str) -> None:
+    claude = anthropic.Anthropic(base_url=gateway, api_key=KEY, max_retries=0)  # x-api-key
+    raw = claude.messages.with_raw_response.create(
+        model="auto",
+        max_tokens=12,
+        messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+    )
+    assert raw.headers["x-coe-expert"] == "writer" and raw.headers["x-coe-category"] == "writing"
+    message = raw.parse()
+    assert message.model == "writer" and message.content[0].text.strip()
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    assert message.usage.input_tokens > 0 and 0 < message.usage.output_tokens <= 12
+    with claude.messages.stream(
+        model="counter", max_tokens=8, messages=count_prompt(20), system="Count."
+    ) as stream:
+        deltas = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert deltas and "".join(deltas) == final.content[0].text
+    assert re.search(r"\d", final.content[0].text)
+    assert final.stop_reason in ("end_turn", "max_tokens")
+    assert final.usage.input_tokens > 0 and 0 < final.usage.output_tokens <= 8
+
+
+def test_openai_sdk_responses_and_completions_on_the_real_engine(gateway: str) -> None:
+    openai_client = client(gateway)
+    prompt = count_prompt(30)[0]["content"]
+    response = openai_client.responses.create(model="counter", input=prompt, max_output_tokens=8)
+    assert re.search(r"\d", response.output_text)
+    assert response.status in ("completed", "incomplete") and response.model == "counter"
+    assert response.usage is not None and 0 < response.usage.output_tokens <= 8
+    events = list(
+        openai_client.responses.create(
+            model="counter",
+            input="And the next three?",
+            previous_response_id=response.id,
+            max_output_tokens=8,
+            stream=True,
+        )
+    )
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas.strip() and events[-1].response.output_text == deltas
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    completion = openai_client.completions.create(model="counter", prompt=prompt, max_tokens=8)
+    assert completion.object == "text_completion"
+    assert re.search(r"\d", completion.choices[0].text)
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+def test_litellm_against_the_gateway_on_the_real_engine(gateway: str) -> None:
+    reply = litellm.completion(
+        model="anthropic/counter",
+        api_base=gateway,
+        api_key=KEY,
+        messages=count_prompt(40),
+        max_tokens=8,
+    )
+    assert re.search(r"\d", reply.choices[0].message.content)
+    assert reply.usage.completion_tokens > 0
 
 
 # -- a deadline on the real engine: the request ends, and is aborted in the engine ----------------

@@ -65,3 +65,5 @@ def test_gateway_conforms_to_its_openapi_document(
         check()
         tested.append(operation.label)
     assert "POST /v1/chat/completions" in tested and "POST /v1/route" in tested
+    # The other protocols (their errors in their own shapes: Anthropic's on /v1/messages).
+    assert {"POST /v1/messages", "POST /v1/responses", "POST /v1/completions"} <= set(tested)

@@ -31,13 +31,23 @@ def gateway_pool(config: PoolConfig, handles: dict[str, Any]) -> EnginePool:
     """The gateway replica's engines: a ServeEngine per in-process expert (its deployment
     holds the engine and the weight cache), the expert's own engine for a remote one."""
     deployment_of = {e: d.name for d in config.cluster_deployments for e in d.experts}
+    # Experts whose replicas may move weights (a weight-cache budget and several checkpoints
+    # in the deployment): worth a prefetch call. Judged from the file alone: the gateway's node
+    # need not hold the checkpoints the cache plan would read.
+    cached: set[str] = set()
+    if config.cache.hbm_bytes is not None:
+        for d in config.cluster_deployments:
+            if len({config.expert(e).model for e in d.experts}) > 1:
+                cached.update(d.experts)
 
     def factory(pool: PoolConfig, expert: Expert, name: str) -> Engine:
         deployment = deployment_of.get(expert.name)
         if deployment is None:
             return default_engine_factory(pool, expert, name)
         queue_s = config.deadlines_for(expert.name).queue_s
-        return ServeEngine(name, deployment, handles[deployment], queue_s)
+        return ServeEngine(
+            name, deployment, handles[deployment], queue_s, prefetches=expert.name in cached
+        )
 
     # The weight cache lives in the expert replicas; planned here it would want engines.
     return EnginePool(config.model_copy(update={"cache": CacheBudgets()}), factory)

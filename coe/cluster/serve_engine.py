@@ -39,12 +39,17 @@ def replica_lost(exc: BaseException) -> bool:
 class ServeEngine:
     """One expert of an expert deployment, called through the deployment's handle."""
 
-    def __init__(self, name: str, deployment: str, handle: Any, queue_s: float):
+    def __init__(
+        self, name: str, deployment: str, handle: Any, queue_s: float, *, prefetches: bool = False
+    ):
         self.name = name
         self.deployment = deployment
         self._handle = handle
         # How long a request may wait for a replica to take it (the expert's deadlines.queue_s).
         self.queue_s = queue_s
+        # Only replicas that move weights gain from a prefetch; for the others it is a wasted
+        # actor call on every request.
+        self.prefetches = prefetches
         self._health: tuple[float, EngineHealth] | None = None
 
     @property
@@ -73,7 +78,8 @@ class ServeEngine:
 
     def prefetch(self) -> None:
         """The request router sends this where the request itself will go (it remembers)."""
-        self._handle.prefetch.remote(expert=self.name)
+        if self.prefetches:
+            self._handle.prefetch.remote(expert=self.name)
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None

@@ -7,20 +7,24 @@ runtime, and the dependencies they name are local to create_app.
 """
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coe import __version__
-from coe.gateway import errors, metrics
+from coe.gateway import anthropic, completions, errors, metrics
+from coe.gateway.anthropic_schema import AnthropicError, MessagesRequest
+from coe.gateway.anthropic_schema import Message as AnthropicMessage
 from coe.gateway.auth import Client, KeyRing
 from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
+from coe.gateway.completions_schema import Completion, CompletionRequest
 from coe.gateway.errors import (
     invalid,
     rate_limited,
@@ -29,6 +33,9 @@ from coe.gateway.errors import (
     too_large,
     unauthorized,
 )
+from coe.gateway.responses import ResponsesAPI
+from coe.gateway.responses_schema import Response as ResponseObject
+from coe.gateway.responses_schema import ResponsesRequest
 from coe.gateway.schema import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -40,6 +47,7 @@ from coe.gateway.schema import (
     RouteResponse,
 )
 from coe.gateway.service import ChatService
+from coe.gateway.translate import STREAM_HEADERS, call_for, chunks
 from coe.store import StoreMisconfiguredError, StoreUnavailableError
 
 T = TypeVar("T")
@@ -52,6 +60,17 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # Every /v1 endpoint may answer these; the chat endpoint adds its own.
 COMMON_ERRORS = _errors(400, 401, 413, 429, 503)
 bearer = HTTPBearer(auto_error=False, description="An API key, when the gateway has keys.")
+# Anthropic's clients send the key this way; it is the same key.
+api_key_header = APIKeyHeader(
+    name="x-api-key", auto_error=False, description="An API key, as Anthropic's clients send it."
+)
+SSE_BODY = {
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "description": "The answer, or server-sent events when stream is true.",
+}
+ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": AnthropicError} for s in (400, 401, 404, 413, 429, 503)
+}
 
 
 def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
@@ -70,8 +89,13 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         "/health",
         "/health/ready",
         "/metrics",
+        "/v1/messages",
+        "/v1/responses",
+        "/v1/completions",
     }
     app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
+    # Outside BodyLimit, so that its 413 is rewritten too.
+    app.add_middleware(ErrorDialect, renderers={"/v1/messages": anthropic.error})
     app.add_middleware(RequestMetrics, endpoints=paths)
     store = service.store
     # What limits do while Redis is away: closed (503) by default once clients need keys.
@@ -80,13 +104,16 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
     async def client(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        api_key: Annotated[str | None, Depends(api_key_header)],
     ) -> Client:
         peer = request.client.host if request.client else "unknown"
         header = request.headers.get("authorization")
+        if header is None and api_key is not None:
+            header = f"Bearer {api_key}"
         found = keys.identify(header, peer)
         if found is None:
             raise unauthorized(
-                "Missing API key: send Authorization: Bearer KEY"
+                "Missing API key: send Authorization: Bearer KEY (or x-api-key: KEY)"
                 if not header
                 else "Incorrect API key provided"
             )
@@ -146,6 +173,75 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         completion, headers = await until_disconnect(request, service.complete(call))
         return JSONResponse(completion.model_dump(), headers=headers)
 
+    @app.post(
+        "/v1/messages",
+        response_model=AnthropicMessage,
+        responses={200: SSE_BODY, **ANTHROPIC_ERRORS},
+        summary="Anthropic Messages",
+    )
+    async def messages(
+        body: MessagesRequest, request: Request, found: Annotated[Client, Depends(limited)]
+    ) -> Response:
+        """The Anthropic Messages API (text), on the chat completions path; errors in
+        Anthropic's shape. The anthropic-version header is accepted."""
+        refuse_unsupported(body.check_supported())
+        call = call_for(anthropic.to_chat(body), found, request.headers, anthropic.ID_PREFIX)
+        if body.stream:
+            headers, stream = await until_disconnect(request, chunks(service, call))
+            events = anthropic.events(call.id, stream)
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers=headers | STREAM_HEADERS
+            )
+        completion, headers = await until_disconnect(request, service.complete(call))
+        return JSONResponse(anthropic.message(completion).model_dump(), headers=headers)
+
+    responses_api = ResponsesAPI(store, service.settings.session_ttl_s)
+
+    @app.post(
+        "/v1/responses",
+        response_model=ResponseObject,
+        responses={200: SSE_BODY, **COMMON_ERRORS, **_errors(404)},
+        summary="Responses",
+    )
+    async def responses(
+        body: ResponsesRequest, request: Request, found: Annotated[Client, Depends(limited)]
+    ) -> Response:
+        """The OpenAI Responses API (text), on the chat completions path; previous_response_id
+        continues a stored response of the same key."""
+        refuse_unsupported(body.check_supported())
+        turn = await responses_api.prepare(body, found, request.headers)
+        if body.stream:
+            headers, stream = await until_disconnect(request, chunks(service, turn.call))
+            events = responses_api.events(turn, stream)
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers=headers | STREAM_HEADERS
+            )
+        completion, headers = await until_disconnect(request, service.complete(turn.call))
+        answer = await responses_api.complete(turn, completion)
+        return JSONResponse(answer.model_dump(), headers=headers)
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={200: SSE_BODY, **COMMON_ERRORS, **_errors(404)},
+        summary="Completions (legacy)",
+    )
+    async def text_completions(
+        body: CompletionRequest, request: Request, found: Annotated[Client, Depends(limited)]
+    ) -> Response:
+        """Legacy text completions: each prompt is one user message, routed like a chat."""
+        refuse_unsupported(body.check_supported())
+        calls = completions.calls(body, found, request.headers)
+        if body.stream:
+            headers, stream = await until_disconnect(request, chunks(service, calls[0]))
+            events = completions.events(body, calls[0], stream)
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers=headers | STREAM_HEADERS
+            )
+        work = completions.complete(body, calls, service.complete)
+        completion, headers = await until_disconnect(request, work)
+        return JSONResponse(completion.model_dump(), headers=headers)
+
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def list_models(found: Annotated[Client, Depends(client)]) -> ModelList:
         return service.models()
@@ -194,6 +290,12 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def refuse_unsupported(unsupported: tuple[str, str] | None) -> None:
+    if unsupported is not None:
+        param, why = unsupported
+        raise invalid(why, param=param, code="unsupported_parameter")
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -247,6 +349,48 @@ class BodyLimit:
 class _TooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, too_large(limit).body.message)
+
+
+class ErrorDialect:
+    """Error answers on some paths in another protocol's shape: whatever answered (the keys,
+    the limits, the body limit, validation, the service), the OpenAI-shaped body is rewritten by
+    the path's renderer (status, body) -> body. Streamed errors are the framings' own."""
+
+    def __init__(
+        self, app: ASGIApp, renderers: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]]
+    ):
+        self.app = app
+        self.renderers = renderers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        render = self.renderers.get(scope["path"]) if scope["type"] == "http" else None
+        if render is None:
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        parts: list[bytes] = []
+
+        async def rewriting(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held = message
+                return
+            if held is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            try:
+                body = json.dumps(render(held["status"], json.loads(b"".join(parts)))).encode()
+            except ValueError:
+                body = b"".join(parts)
+            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**held, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewriting)
 
 
 class RequestMetrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from coe.engines.remote import RemoteEngine, RemoteOptions
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
-from coe.types import Message, Prompt, SamplingParams, collect
+from coe.types import Message, Prompt, ResponseFormat, SamplingParams, Tool, ToolSpec, collect
 
 from .conftest import VllmServe, free_port
 
@@ -25,7 +26,12 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def vllm_serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServe]:
-    server = VllmServe(model_dir, tmp_path_factory.mktemp("vllm-serve") / "server.log")
+    # Guided decoding as coe's own engines do it (compact JSON): see DESIGN.md. vLLM's server
+    # takes a forced tool call only with a tool-call parser set.
+    guided = '{"backend": "xgrammar", "disable_any_whitespace": true}'
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    tools = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+    server = VllmServe(model_dir, log, "--structured-outputs-config", guided, *tools)
     server.start()
     try:
         server.wait_ready()
@@ -57,6 +63,29 @@ async def test_chat_format_streams_with_usage(vllm_server: str) -> None:
     assert final.finish_reason in ("stop", "length")
     assert final.usage is not None and final.usage.completion_tokens > 0
     assert final.usage.prompt_tokens > 5
+
+
+async def test_tools_formats_and_logprobs_are_forwarded(vllm_server: str) -> None:
+    engine = RemoteEngine("remote", RemoteOptions(base_url=vllm_server, model="gemma-remote"))
+    city = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 16}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    spec = ToolSpec((Tool("get_weather", "", json.dumps(city)),), "function", "get_weather")
+    greedy = SamplingParams(temperature=0.0, max_tokens=32)
+    called = await collect(engine.stream(Prompt(QUESTION, "chat", spec), greedy))
+    [call] = called.tool_calls
+    assert call.name == "get_weather" and call.id
+    assert set(json.loads(call.arguments)) == {"city"}
+    shaped = SamplingParams(
+        temperature=0.0, max_tokens=32, logprobs=2,
+        response_format=ResponseFormat("json_schema", json.dumps(city), "city", True),
+    )  # fmt: skip
+    answer = await collect(engine.stream(Prompt(QUESTION, "chat"), shaped))
+    assert answer.finish_reason == "stop" and set(json.loads(answer.text)) == {"city"}
+    assert answer.logprobs and all(len(lp.top) == 2 for lp in answer.logprobs)
 
 
 async def test_qa_format_uses_text_completions_and_stops(vllm_server: str) -> None:

@@ -157,12 +157,11 @@ def test_messages_error_after_streaming_started_is_an_error_event(gw: Running) -
         ({"model": "auto", "messages": user("x")}, "max_tokens"),
         ({"model": "auto", "max_tokens": 5, "messages": user("x"), "top_k": 5}, "top_k"),
         ({"model": "auto", "max_tokens": 5, "messages": user("x"), "tools": [{"name": "f"}]},
-         "tools"),
+         "tools.0.input_schema"),
+        ({"model": "auto", "max_tokens": 5, "messages": user("x"),
+          "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
         ({"model": "auto", "max_tokens": 5, "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "data": "", "media_type": "x"}}]}]},
-         "messages.0.content.0.type"),
-        ({"model": "auto", "max_tokens": 5, "messages": [{"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "t", "content": "4"}]}]},
          "messages.0.content.0.type"),
         ({"model": "auto", "max_tokens": 5, "messages": user("x"), "temperature": 1.5},
          "temperature"),

@@ -233,3 +233,47 @@ def test_fifty_seeded_forced_calls_and_json_schema_answers_all_validate(base_url
     print(f"forced tool calls valid {calls}/50 in {calls_s:.1f} s; "
           f"json_schema answers valid {answers}/50 in {answers_s:.1f} s")  # fmt: skip
     assert (calls, answers) == (50, 50)
+
+
+def test_the_anthropic_sdk_forces_a_tool_and_sends_its_result_back(base_url: str) -> None:
+    import anthropic
+
+    claude = anthropic.Anthropic(
+        base_url=base_url.removesuffix("/v1"), api_key="unused", max_retries=0
+    )
+    weather = {"name": "get_weather", "description": "A forecast.", "input_schema": WEATHER}
+    ask = {
+        "model": "chatty",
+        "max_tokens": 48,
+        "messages": ASK_WEATHER,
+        "tools": [weather],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        # Greedy, so the streamed call equals the other (this SDK has no temperature argument).
+        "extra_body": {"temperature": 0.0},
+        "extra_headers": NO_CACHE,
+    }
+    message = claude.messages.create(**ask)
+    assert message.stop_reason == "tool_use"
+    [use] = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.id
+    jsonschema.validate(use.input, WEATHER)
+
+    # Streamed: input_json_delta pieces assemble into the same input.
+    with claude.messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    [streamed] = [b for b in final.content if b.type == "tool_use"]
+    assert streamed.input == use.input and final.stop_reason == "tool_use"
+
+    # The result goes back as a tool_result block; the expert answers in text.
+    follow = claude.messages.create(
+        model="chatty",
+        max_tokens=16,
+        messages=[
+            *ASK_WEATHER,
+            {"role": "assistant", "content": [use.model_dump()]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]},
+        ],
+        tools=[weather],
+    )  # fmt: skip
+    assert follow.content and follow.content[0].type == "text" and follow.content[0].text

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# Content that is not text: refused with a 400 naming the block (tool blocks: see
-# anthropic.tool_blocks), but typed so that the refusal is coe's, not a validation error.
-NON_TEXT_BLOCKS = (
-    "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
-    "search_result", "server_tool_use", "web_search_tool_result",
+# Content that is neither text nor a tool block: refused with a 400 naming the block, but typed
+# so that the refusal is coe's, not a validation error.
+OTHER_BLOCKS = (
+    "image", "document", "thinking", "redacted_thinking", "search_result", "server_tool_use",
+    "web_search_tool_result",
 )  # fmt: skip
 
 
@@ -26,12 +26,60 @@ class TextBlock(_Request):
     citations: list[dict[str, Any]] | None = None
 
 
+class ToolUseBlock(BaseModel):
+    """An assistant turn's call of a tool, as the client got it back. Clients echo the SDK's
+    block, whose fields grow with each SDK release (caller, toolset_name, ...): those beyond the
+    call itself are ignored here, not refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolResultBlock(_Request):
+    """A user turn's answer to a call (its tool_use_id)."""
+
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] = ""
+    is_error: bool = False
+    cache_control: dict[str, Any] | None = None
+
+    def text(self) -> str:
+        text = (
+            self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+        )
+        return f"error: {text}" if self.is_error else text
+
+
 class OtherBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal[NON_TEXT_BLOCKS]  # type: ignore[valid-type]
+    type: Literal[OTHER_BLOCKS]  # type: ignore[valid-type]
 
 
-ContentBlock = Annotated[TextBlock | OtherBlock, Field(discriminator="type")]
+ContentBlock = Annotated[
+    TextBlock | ToolUseBlock | ToolResultBlock | OtherBlock, Field(discriminator="type")
+]
+
+
+class ToolDef(_Request):
+    """A client tool (Anthropic's server tools, such as web search, have other types)."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolChoice(_Request):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class InputMessage(_Request):
@@ -57,9 +105,8 @@ class MessagesRequest(_Request):
     top_k: int | None = Field(None, ge=0, description="not supported: a 400 when sent")
     metadata: Metadata | None = None
     stream: bool = False
-    # Refused with a 400 naming them until coe's experts call tools (anthropic.tool_blocks).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # each checked as a ToolDef (check_supported)
+    tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = None
     service_tier: str | None = None  # bookkeeping: accepted, no effect
 
@@ -67,18 +114,31 @@ class MessagesRequest(_Request):
         """(param, why) for the first field coe cannot honour, else None."""
         if self.top_k is not None:
             return "top_k", "top_k is not supported; leave it out"
-        if self.tools or (self.tool_choice and self.tool_choice.get("type") != "none"):
-            return "tools", "tools are not supported on /v1/messages yet"
+        for i, tool in enumerate(self.tools or []):
+            if tool.get("type", "custom") != "custom":
+                return f"tools.{i}.type", f"only client tools are supported, not {tool['type']}"
+            try:
+                ToolDef.model_validate(tool)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                return f"tools.{i}.{where}", f"{where}: {first['msg']}"
+        if self.tool_choice and self.tool_choice.type == "tool" and not self.tool_choice.name:
+            return "tool_choice.name", "required when tool_choice.type is tool"
+        if self.tool_choice and self.tool_choice.type != "none" and not self.tools:
+            return "tool_choice", "tool_choice needs tools"
         if self.thinking and self.thinking.get("type") != "disabled":
             return "thinking", "extended thinking is not supported"
         for i, message in enumerate(self.messages):
             if isinstance(message.content, str):
                 continue
             for j, block in enumerate(message.content):
-                if block.type == "text":
+                if block.type in ("text", "tool_use", "tool_result"):
                     continue
-                what = "tool blocks are" if "tool" in block.type else "only text content is"
-                return f"messages.{i}.content.{j}.type", f"{what} supported, not {block.type}"
+                return (
+                    f"messages.{i}.content.{j}.type",
+                    f"only text and tool blocks are supported, not {block.type}",
+                )
         return None
 
 
@@ -87,12 +147,19 @@ class TextContent(BaseModel):
     text: str
 
 
+class ToolUseContent(BaseModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
 class MessageUsage(BaseModel):
     input_tokens: int
     output_tokens: int
 
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
 class Message(BaseModel):
@@ -100,7 +167,7 @@ class Message(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str = Field(description="The expert that answered.")
-    content: list[TextContent]
+    content: list[TextContent | ToolUseContent]
     stop_reason: StopReason | None
     stop_sequence: str | None = None
     usage: MessageUsage
@@ -117,7 +184,7 @@ class MessageStart(BaseModel):
 class ContentBlockStart(BaseModel):
     type: Literal["content_block_start"] = "content_block_start"
     index: int
-    content_block: TextContent
+    content_block: TextContent | ToolUseContent
 
 
 class Ping(BaseModel):
@@ -129,10 +196,15 @@ class TextDelta(BaseModel):
     text: str
 
 
+class InputJsonDelta(BaseModel):
+    type: Literal["input_json_delta"] = "input_json_delta"
+    partial_json: str
+
+
 class ContentBlockDelta(BaseModel):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
-    delta: TextDelta
+    delta: TextDelta | InputJsonDelta
 
 
 class ContentBlockStop(BaseModel):

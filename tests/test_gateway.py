@@ -54,7 +54,8 @@ class EchoEngine:
     takes a minute (and counts its cancellation). With tools (a call forced: required or a named
     function) it calls the named function, or each function, with ``{"echo": <last user
     message>}`` in two pieces, after the text "<name>: calling" when that message starts with
-    "say"; a conversation that ends with a tool result is answered "<name>: got <result>"."""
+    "say"; a conversation that ends with a tool result is answered "<name>: got <result> from
+    <the function of the call it answers>"."""
 
     def __init__(self, name: str):
         self.name = name
@@ -87,7 +88,10 @@ class EchoEngine:
                 yield chunk
             return
         if prompt.messages[-1].role == "tool":
-            last = "got " + prompt.messages[-1].content
+            result = prompt.messages[-1]
+            made = [c for m in prompt.messages for c in m.tool_calls]
+            name = next((c.name for c in made if c.id == result.tool_call_id), "nothing")
+            last = f"got {result.content} from {name}"
         words = f"{speaker}: {last}".split(" ")
         out: list[str] = []
         for i, word in enumerate(words[: sampling.max_tokens]):

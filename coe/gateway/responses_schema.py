@@ -93,7 +93,9 @@ def _kind(known: tuple[str, ...], default: str | None = None) -> Any:
     """A discriminator by ``type``: a known type is its own tag, any other is "other"."""
 
     def tag(value: Any) -> str:
-        kind = value.get("type", default) if isinstance(value, dict) else value.type
+        kind = (
+            value.get("type", default) if isinstance(value, dict) else getattr(value, "type", None)
+        )
         return kind if kind in known else "other"
 
     return Discriminator(tag)
@@ -185,22 +187,30 @@ class ResponsesRequest(_Request):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
-    @field_validator("input", mode="wrap")
+    @field_validator("input", "tools", mode="wrap")
     @classmethod
-    def _one_error(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """An invalid item is named by where it is in the list, not by the union's branches."""
+    def _one_error(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: Any) -> Any:
+        """An invalid item is named by its place in the list (input[2].call_id), not by the
+        union's branches."""
         try:
             return handler(value)
         except ValidationError as exc:
-            errors = exc.errors()
             if not isinstance(value, list):
                 raise
-            first = next(e for e in errors if e["loc"] and e["loc"][0] != "str")
-            index, *rest = first["loc"][1:]
-            where = ".".join(str(p) for p in rest if p not in ("message", "other"))
+            for error in exc.errors():
+                loc = error["loc"]
+                if loc and loc[0] != "str" and isinstance(loc[0], str):
+                    loc = loc[1:]  # the list branch of input's str | list
+                if loc and isinstance(loc[0], int):
+                    break
+            else:
+                raise  # about the list as a whole (empty, too long): as pydantic says it
+            index, *rest = loc
+            tags = ("message", "function_call", "function_call_output", "function", "other")
+            path = "".join(f".{p}" for p in rest if p not in tags)
             raise PydanticCustomError(
-                "input_item", "item {index}: {where}: {msg}",
-                {"index": index, "where": where, "msg": first["msg"]},
+                "list_item", "{where}: {msg}",
+                {"where": f"{info.field_name}[{index}]{path}", "msg": error["msg"]},
             ) from None  # fmt: skip
 
     @field_validator("tool_choice", mode="wrap")

@@ -30,7 +30,16 @@ from coe.orchestrator.sessions import Sessions
 from coe.prompts.mixture import MixtureError
 from coe.runtime import BackgroundLoop
 from coe.store import MemoryStore, StoreMisconfiguredError
-from coe.types import Chunk, Message, Prompt, RouteDecision, SamplingParams, Usage
+from coe.types import (
+    Chunk,
+    Message,
+    Prompt,
+    RouteDecision,
+    SamplingParams,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
 
 from .conftest import RedisProcess
 
@@ -42,7 +51,11 @@ OTHER_KEY = "coe-other-key"
 class EchoEngine:
     """Answers "<system prompt>: <last user message>" word by word (each test expert's system
     prompt is its name); "boom" fails before any output, "midway" after the first word, "slow"
-    takes a minute (and counts its cancellation)."""
+    takes a minute (and counts its cancellation). With tools (a call forced: required or a named
+    function) it calls the named function, or each function, with ``{"echo": <last user
+    message>}`` in two pieces, after the text "<name>: calling" when that message starts with
+    "say"; a conversation that ends with a tool result is answered "<name>: got <result> from
+    <the function of the call it answers>"."""
 
     def __init__(self, name: str):
         self.name = name
@@ -70,6 +83,15 @@ class EchoEngine:
         if last == "boom":
             raise EngineError(f"engine {self.name} is down")
         speaker = next((m.content for m in prompt.messages if m.role == "system"), self.name)
+        if prompt.tools is not None and prompt.tools.choice in ("required", "function"):
+            async for chunk in self._call(prompt.tools, speaker, last):
+                yield chunk
+            return
+        if prompt.messages[-1].role == "tool":
+            result = prompt.messages[-1]
+            made = [c for m in prompt.messages for c in m.tool_calls]
+            name = next((c.name for c in made if c.id == result.tool_call_id), "nothing")
+            last = f"got {result.content} from {name}"
         words = f"{speaker}: {last}".split(" ")
         out: list[str] = []
         for i, word in enumerate(words[: sampling.max_tokens]):
@@ -87,6 +109,21 @@ class EchoEngine:
             yield Chunk(text=piece)
         finish = "length" if len(words) > sampling.max_tokens else "stop"
         yield Chunk("", finish, Usage(len(last.split()), min(len(words), sampling.max_tokens)))
+
+    @staticmethod
+    async def _call(tools: ToolSpec, speaker: str, last: str) -> AsyncIterator[Chunk]:
+        if last.startswith("say"):
+            yield Chunk(text=f"{speaker}:")
+            yield Chunk(text=" calling")
+        names = [tools.function] if tools.choice == "function" else [t.name for t in tools.tools]
+        arguments = json.dumps({"echo": last})
+        half = len(arguments) // 2
+        for i, name in enumerate(names):
+            yield Chunk(
+                "", tool_calls=[ToolCallDelta(i, f"call_{i}_{name}", name, arguments[:half])]
+            )
+            yield Chunk("", tool_calls=[ToolCallDelta(i, arguments=arguments[half:])])
+        yield Chunk("", "tool_calls", Usage(len(last.split()), 2 * len(names)))
 
 
 class KeywordRouter:

@@ -4,6 +4,7 @@ redis-server, and the official openai client over loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import jsonschema
 import litellm
 import openai
 import pytest
@@ -248,6 +250,65 @@ def test_openai_sdk_responses_and_completions_on_the_real_engine(gateway: str) -
     assert completion.object == "text_completion"
     assert re.search(r"\d", completion.choices[0].text)
     assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "A city's forecast.",
+                "parameters": CITY, "strict": True}  # fmt: skip
+
+
+def test_openai_sdk_responses_function_tools_on_the_real_engine(gateway: str) -> None:
+    """A forced call is guided decoding: even the 270M model's arguments follow the schema."""
+    openai_client = client(gateway)
+    ask = "What is the weather in Paris this week?"
+    forced = {"type": "function", "name": "get_weather"}
+    response = openai_client.responses.create(
+        model="counter", input=ask, tools=[WEATHER_TOOL], tool_choice=forced,  # type: ignore[list-item]
+        max_output_tokens=64, extra_headers={"x-coe-cache-control": "no-cache"},
+    )  # fmt: skip
+    assert response.status == "completed" and response.model == "counter"
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id
+    assert calls[0].status == "completed" and (calls[0].id or "").startswith("fc_")
+    jsonschema.validate(json.loads(calls[0].arguments), CITY)
+
+    events = list(
+        openai_client.responses.create(
+            model="counter", input=ask, tools=[WEATHER_TOOL], tool_choice=forced,  # type: ignore[list-item]
+            max_output_tokens=64, stream=True, extra_headers={"x-coe-cache-control": "no-cache"},
+        )
+    )  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.completed"
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [e.item.type for e in added] == ["function_call"] and added[0].item.arguments == ""
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas and done.arguments == deltas
+    jsonschema.validate(json.loads(deltas), CITY)
+    final_call = events[-1].response.output[-1]
+    assert final_call.type == "function_call" and final_call.arguments == deltas
+
+    # The next turn gives the call's output; the stored turn (with its call) comes before it.
+    follow = openai_client.responses.create(
+        model="counter",
+        previous_response_id=response.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": '{"forecast": "sunny, 21 C"}'}],
+        max_output_tokens=16,
+    )  # fmt: skip
+    assert follow.status in ("completed", "incomplete") and follow.model == "counter"
+    assert [item.type for item in follow.output] == ["message"]
+    assert follow.usage is not None and response.usage is not None
+    assert follow.usage.input_tokens > response.usage.input_tokens
 
 
 def test_litellm_against_the_gateway_on_the_real_engine(gateway: str) -> None:

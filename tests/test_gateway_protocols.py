@@ -12,6 +12,11 @@ import httpx
 import litellm
 import openai
 import pytest
+from openai.types.responses import ResponseFunctionToolCall
+
+from coe.gateway.responses import turns
+from coe.gateway.responses_schema import ResponsesRequest
+from coe.gateway.schema import ChatCompletionRequest
 
 from .test_gateway import (
     KEY,
@@ -222,6 +227,13 @@ def test_limits_hold_on_every_new_endpoint(gw: Running) -> None:
 
 # -- Responses ------------------------------------------------------------------------------------
 
+WEATHER = {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]}
+FUNCTIONS = [
+    {"type": "function", "name": "weather", "description": "The weather.", "parameters": WEATHER,
+     "strict": True},
+    {"type": "function", "name": "clock", "parameters": None, "strict": False},
+]  # fmt: skip
+
 
 def test_responses_create_with_the_openai_sdk(gw: Running) -> None:
     raw = gw.client().responses.with_raw_response.create(model="auto", input="write code please")
@@ -307,11 +319,24 @@ def test_responses_continue_a_stored_response_of_the_same_key(gw: Running) -> No
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"model": "auto", "input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"model": "auto", "input": "x", "tools": [FUNCTIONS[0], {"type": "web_search"}]},
+         "tools[1].type"),
+        ({"model": "coder", "input": "x", "tools": FUNCTIONS}, "tool_choice"),  # auto: no parser
+        ({"model": "auto", "input": "x", "tools": FUNCTIONS,
+          "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"model": "auto", "input": "x", "tools": FUNCTIONS,
+          "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+        ({"model": "auto", "input": "x", "tools": [{"type": "function", "name": "a b"}]},
+         "tools"),
+        ({"model": "auto", "input": [{"role": "user", "content": "x"},
+                                     {"type": "function_call", "call_id": "c"}]}, "input"),
         ({"model": "auto", "input": "x", "text": {"format": {"type": "json_object"}}},
          "text.format"),
-        ({"model": "auto", "input": [{"type": "function_call_output", "call_id": "c",
-                                      "output": "4"}]}, "input.0.type"),
+        ({"model": "auto", "input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
+        ({"model": "auto", "input": [{"role": "user", "content": "x"},
+                                     {"type": "function_call_output", "call_id": "c", "output": [
+                                         {"type": "input_image", "image_url": "http://x"}]}]},
+         "input.1.output.0.type"),
         ({"model": "auto", "input": [{"role": "user", "content": [
             {"type": "input_image", "image_url": "http://x"}]}]}, "input.0.content.0.type"),
         ({"model": "auto", "input": "x", "background": True}, "background"),
@@ -323,6 +348,157 @@ def test_responses_continue_a_stored_response_of_the_same_key(gw: Running) -> No
 def test_responses_refusals_are_openai_400s(gw: Running, body: dict, param: str) -> None:
     error = assert_error(gw.post("/v1/responses", body), 400)
     assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_responses_tools_translate_to_chat_tools_and_back() -> None:
+    """tools, tool_choice, parallel_tool_calls and the function_call items become the chat
+    completions request's tools and messages (consecutive calls one assistant turn)."""
+    body = ResponsesRequest.model_validate(
+        {
+            "model": "auto",
+            "input": [
+                {"role": "user", "content": "weather and time?"},
+                {"type": "message", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": "checking", "annotations": []}]},
+                {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "weather",
+                 "arguments": '{"echo":"x"}', "status": "completed"},
+                {"type": "function_call", "call_id": "c2", "name": "clock", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "function_call_output", "call_id": "c2",
+                 "output": [{"type": "input_text", "text": "noon"}]},
+                {"type": "function_call", "call_id": "c3", "name": "clock", "arguments": "{}"},
+            ],
+            "tools": FUNCTIONS,
+            "tool_choice": {"type": "function", "name": "clock"},
+            "parallel_tool_calls": False,
+        }
+    )  # fmt: skip
+    assert body.check_supported() is None
+    assert body.chat_tools() == {
+        "tools": [
+            {"type": "function", "function": {"name": "weather", "description": "The weather.",
+                                              "parameters": WEATHER, "strict": True}},
+            {"type": "function", "function": {"name": "clock", "description": None,
+                                              "parameters": None, "strict": False}},
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "clock"}},
+        "parallel_tool_calls": False,
+    }  # fmt: skip
+
+    def call(id: str, name: str, arguments: str) -> dict:
+        return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+    assert turns(body) == [
+        {"role": "user", "content": "weather and time?"},
+        {"role": "assistant", "content": "checking",
+         "tool_calls": [call("c1", "weather", '{"echo":"x"}'), call("c2", "clock", "{}")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "noon"},
+        {"role": "assistant", "content": None, "tool_calls": [call("c3", "clock", "{}")]},
+    ]  # fmt: skip
+    for choice in ("auto", "none", "required"):
+        spec = body.model_copy(update={"tool_choice": choice}).chat_tools()
+        assert spec["tool_choice"] == choice
+    chat = ChatCompletionRequest.model_validate({"model": "auto", "messages": turns(body),
+                                                 **body.chat_tools()})  # fmt: skip
+    spec = chat.tool_spec()
+    assert spec is not None and (spec.choice, spec.function, spec.parallel) == (
+        "function", "clock", False)  # fmt: skip
+
+
+def test_responses_function_calls_with_the_openai_sdk(gw: Running) -> None:
+    client = gw.client()
+    forced = client.responses.create(
+        model="coder",
+        input="paris",
+        tools=FUNCTIONS,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "name": "weather"},
+    )
+    assert forced.status == "completed" and len(forced.output) == 1
+    call = forced.output[0]
+    assert isinstance(call, ResponseFunctionToolCall)
+    assert (call.name, call.call_id, call.status) == ("weather", "call_0_weather", "completed")
+    assert json.loads(call.arguments) == {"echo": "paris"} and call.id and call.id.startswith("fc_")
+    assert forced.output_text == ""
+    assert [t.name for t in forced.tools] == ["weather", "clock"]  # type: ignore[union-attr]
+    assert forced.tool_choice.name == "weather"  # type: ignore[union-attr]
+    # Text first (a message item), then a function_call item per call.
+    both = client.responses.create(
+        model="coder", input="say hi", tools=FUNCTIONS, tool_choice="required",  # type: ignore[arg-type]
+        parallel_tool_calls=True,
+    )  # fmt: skip
+    assert [item.type for item in both.output] == ["message", "function_call", "function_call"]
+    assert both.output_text == "coder: calling" and both.parallel_tool_calls is True
+    assert [c.name for c in both.output[1:]] == ["weather", "clock"]  # type: ignore[union-attr]
+    # The client sends the calls back with their outputs (the SDK's own output items).
+    history: list = [{"role": "user", "content": "say hi"}, *both.output]
+    history.append({"type": "function_call_output", "call_id": "call_1_clock", "output": "noon"})
+    answer = client.responses.create(model="coder", input=history, store=False)
+    assert answer.output_text == "coder: got noon from clock"
+    # previous_response_id: the stored turn keeps its calls, which the output answers.
+    follow = client.responses.create(
+        model="coder",
+        previous_response_id=forced.id,
+        input=[{"type": "function_call_output", "call_id": "call_0_weather", "output": "sunny"}],
+    )
+    assert follow.output_text == "coder: got sunny from weather"
+    later = client.responses.create(
+        model="coder",
+        previous_response_id=follow.id,
+        input=[{"type": "function_call_output", "call_id": "call_0_weather", "output": "rain"}],
+    )
+    assert later.output_text == "coder: got rain from weather"
+
+
+def test_responses_stream_function_call_events_in_order(gw: Running) -> None:
+    events = list(
+        gw.client().responses.create(
+            model="coder", input="say it", tools=FUNCTIONS, tool_choice="required",  # type: ignore[arg-type]
+            stream=True,
+        )
+    )  # fmt: skip
+    call_events = [
+        "response.output_item.added",
+        *["response.function_call_arguments.delta"] * 2,
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+    ]
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 2,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        *call_events,
+        *call_events,
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.status == "completed" and final.output_text == "coder: calling"
+    for index, name in [(1, "weather"), (2, "clock")]:
+        mine = [e for e in events if getattr(e, "output_index", None) == index]
+        added, *deltas, done, item_done = mine
+        assert added.item.type == "function_call" and added.item.arguments == ""
+        assert added.item.status == "in_progress" and added.item.name == name
+        arguments = "".join(e.delta for e in deltas)
+        assert json.loads(arguments) == {"echo": "say it"} and done.arguments == arguments
+        assert {e.item_id for e in [*deltas, done]} == {added.item.id}
+        assert item_done.item == final.output[index] and item_done.item.status == "completed"
+        assert final.output[index].arguments == arguments
+    # A forced call alone: no message item at all.
+    alone = list(
+        gw.client().responses.create(
+            model="coder", input="x", tools=FUNCTIONS, stream=True,  # type: ignore[arg-type]
+            tool_choice={"type": "function", "name": "clock"},
+        )
+    )  # fmt: skip
+    assert [e.type for e in alone] == ["response.created", "response.in_progress",
+                                       *call_events, "response.completed"]  # fmt: skip
+    assert alone[2].output_index == 0 and alone[-1].response.output[0].name == "clock"
 
 
 def test_responses_errors(gw: Running) -> None:

@@ -206,8 +206,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
     async def responses(
         body: ResponsesRequest, request: Request, found: Annotated[Client, Depends(limited)]
     ) -> Response:
-        """The OpenAI Responses API (text), on the chat completions path; previous_response_id
-        continues a stored response of the same key."""
+        """The OpenAI Responses API (text and function tools), on the chat completions path;
+        previous_response_id continues a stored response of the same key."""
         refuse_unsupported(body.check_supported())
         turn = await responses_api.prepare(body, found, request.headers)
         if body.stream:

@@ -270,3 +270,26 @@ def stop_processes(*procs: subprocess.Popen[bytes], timeout_s: float = 60) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def in_process_gateway(config: PoolConfig) -> Iterator[tuple[str, object, object]]:
+    """A gateway on loopback over an orchestrator of ``config`` (its engines started, an
+    in-process store): yields (base url, orchestrator, its BackgroundLoop); stops it all."""
+    from coe.gateway.server import GatewayServer, open_store_on_loop
+    from coe.orchestrator import Orchestrator
+    from coe.runtime import BackgroundLoop
+
+    runner = BackgroundLoop()
+    orch = Orchestrator(config, store=runner.run(open_store_on_loop(None)))
+    server = None
+    try:
+        runner.run(orch.start())
+        server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
+        server.start()
+        yield server.url, orch, runner
+    finally:
+        if server is not None:
+            server.stop()
+        runner.run(orch.close())
+        runner.close()

@@ -30,6 +30,7 @@ from .conftest import (
     RedisProcess,
     cli_env,
     free_port,
+    in_process_gateway,
     pool_dict,
     wait_for_health,
 )
@@ -349,27 +350,13 @@ def hurried(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """An in-process gateway on one real engine: `qa` must finish within HURRIED_TOTAL_S,
     `chatty` (the same engine) has the default deadlines."""
     from coe.config import parse_config
-    from coe.gateway.server import GatewayServer, open_store_on_loop
-    from coe.orchestrator import Orchestrator
-    from coe.runtime import BackgroundLoop
 
     data = pool_dict()
     data["experts"][0]["deadlines"] = {"total_s": HURRIED_TOTAL_S}
     assert data["experts"][0]["name"] == "qa"
     config = parse_config(data, tmp_path_factory.mktemp("hurried") / "experts.yaml")
-    runner = BackgroundLoop()
-    orch = Orchestrator(config, store=runner.run(open_store_on_loop(None)))
-    server = None
-    try:
-        runner.run(orch.start())
-        server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
-        server.start()
-        yield InProcess(server.url, orch, runner)
-    finally:
-        if server is not None:
-            server.stop()
-        runner.run(orch.close())
-        runner.close()
+    with in_process_gateway(config) as (url, orch, runner):
+        yield InProcess(url, orch, runner)
 
 
 def test_a_total_deadline_on_the_real_engine_ends_the_request_and_aborts_it(

@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 
-from .conftest import pool_dict
+from .conftest import in_process_gateway, pool_dict
 
 pytestmark = pytest.mark.engine
 
@@ -75,24 +75,10 @@ NO_CACHE = {"x-coe-cache-control": "no-cache"}
 def base_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An in-process gateway on one real engine shared by both experts (`qa`, `chatty`)."""
     from coe.config import parse_config
-    from coe.gateway.server import GatewayServer, open_store_on_loop
-    from coe.orchestrator import Orchestrator
-    from coe.runtime import BackgroundLoop
 
     config = parse_config(pool_dict(), tmp_path_factory.mktemp("tools") / "experts.yaml")
-    runner = BackgroundLoop()
-    orch = Orchestrator(config, store=runner.run(open_store_on_loop(None)))
-    server = None
-    try:
-        runner.run(orch.start())
-        server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
-        server.start()
-        yield server.url + "/v1"
-    finally:
-        if server is not None:
-            server.stop()
-        runner.run(orch.close())
-        runner.close()
+    with in_process_gateway(config) as (url, _, _):
+        yield url + "/v1"
 
 
 def client(base_url: str) -> openai.OpenAI:
@@ -275,5 +261,6 @@ def test_the_anthropic_sdk_forces_a_tool_and_sends_its_result_back(base_url: str
                 {"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]},
         ],
         tools=[weather],
+        tool_choice={"type": "none"},  # auto would need a tool_parser on the expert
     )  # fmt: skip
     assert follow.content and follow.content[0].type == "text" and follow.content[0].text

@@ -88,8 +88,20 @@ class LocalCluster:
         return node
 
     def kill_node(self, node: Any) -> None:
-        """The node's processes die at once, as when a machine is lost."""
+        """The node's processes die at once, as when a machine is lost: its Ray processes and
+        everything they started (replica workers, their engines), not left to notice later
+        that their raylet is gone."""
+        doomed: set[int] = set()
+        for processes in node.all_processes.values():
+            for info in processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process = psutil.Process(info.process.pid)
+                    doomed.add(process.pid)
+                    doomed.update(c.pid for c in process.children(recursive=True))
         self._cluster.remove_node(node, allow_graceful=False)
+        for pid in _alive(doomed):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
 
     def connect(self) -> None:
         import ray

@@ -129,23 +129,22 @@ class ExpertReplica:
         states = await self.pool.health()
         return {name: {"state": h.state, "reason": h.reason} for name, h in states.items()}
 
-    def tiers(self) -> dict[str, Tier]:
-        """Where each expert's weights are on this replica; an expert outside the weight cache
-        is resident while its engine runs."""
-        tiers: dict[str, Tier] = {}
-        for expert in self.experts:
-            engine = self.pool.engine_for(expert)
-            tiers[expert] = Tier.HBM if engine.ready else Tier.DISK
-        for row in self.pool.cache_status():
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve polls this (cluster.stats_period_s) and passes it to the request router: where
+        each expert's weights are (an expert outside the weight cache is resident while its
+        engine runs), the queue, the cache's slots and the experts that go through them."""
+        rows = self.pool.cache_status()  # read once: it walks every cached checkpoint
+        tiers = {
+            expert: (Tier.HBM if self.pool.engine_for(expert).ready else Tier.DISK)
+            for expert in self.experts
+        }
+        swappable: list[str] = []
+        for row in rows:
             for expert in row["experts"]:  # type: ignore[attr-defined]
                 tiers[expert] = Tier(str(row["tier"]))
-        return tiers
-
-    async def record_routing_stats(self) -> dict[str, Any]:
-        """Serve polls this (cluster.stats_period_s) and passes it to the request router."""
-        swappable = [e for row in self.pool.cache_status() for e in row["experts"]]  # type: ignore[attr-defined]
+                swappable.append(expert)
         return {
-            "tiers": {name: tier.value for name, tier in self.tiers().items()},
+            "tiers": {name: tier.value for name, tier in tiers.items()},
             "queue": self._inflight,
             "slots": sum(len(g.slots) for g in self.pool.groups.values()),
             "swappable": swappable,

@@ -83,7 +83,11 @@ class EnginePool:
             if key not in self._by_key:
                 # The first expert on an engine names it; the others share it.
                 self._by_key[key] = factory(config, expert, expert.name)
-            self._for_expert[expert.name] = self._by_key[key]
+            # An engine kind may give an expert its own view of the shared engine (a LoRA
+            # adapter expert sends its adapter with each request).
+            bind = getattr(engine_kind(expert.engine), "for_expert", None)
+            shared = self._by_key[key]
+            self._for_expert[expert.name] = bind(config, expert, shared) if bind else shared
         self._status: StatusFile | None = None
         if self.groups:
             status = self._status = StatusFile(config.source)

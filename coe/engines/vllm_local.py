@@ -32,6 +32,15 @@ from coe.engines.base import (
     ExpertView,
     ModelResolver,
 )
+from coe.engines.lora import (
+    AdapterError,
+    AdapterExpertEngine,
+    AdapterRef,
+    LoraOptions,
+    adapter_id,
+    fit_problems,
+    read_adapter,
+)
 from coe.engines.render import format_stops, render_token_ids
 from coe.errors import BadRequestError
 from coe.types import Chunk, Prompt, SamplingParams, Usage
@@ -53,6 +62,8 @@ class VllmOptions(EngineOptions):
     max_num_seqs: int = Field(16, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     enable_sleep_mode: bool = False
+    # Serve LoRA adapters on this engine (adapter experts whose `base:` is this expert).
+    lora: LoraOptions | None = None
 
 
 class VllmExpertFields(EngineOptions):
@@ -60,6 +71,10 @@ class VllmExpertFields(EngineOptions):
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     vllm: VllmOptions = VllmOptions()
+    # A LoRA adapter expert: the expert (or model) whose engine serves it, and its PEFT folder
+    # (relative to experts.yaml unless absolute). coe.engines.lora explains.
+    base: str | None = None
+    adapter: str | None = None
 
 
 class PromptTooLongError(BadRequestError):
@@ -124,6 +139,18 @@ def _sigint_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _lora_args(lora: LoraOptions | None) -> dict[str, Any]:
+    """vLLM engine arguments for multi-LoRA (none when the engine serves no adapters)."""
+    if lora is None:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": lora.max_loras,
+        "max_lora_rank": lora.max_rank,
+        "max_cpu_loras": max(lora.max_cpu_loras or lora.max_loras, lora.max_loras),
+    }
 
 
 def _stop_token_ids(model_dir: str) -> list[int]:
@@ -261,6 +288,7 @@ class VllmLocalEngine:
             enable_sleep_mode=opts.enable_sleep_mode,
             disable_log_stats=True,
             **extension,
+            **_lora_args(opts.lora),
         )
         with _SPAWNING, _sigint_blocked(), _titled(f"coe-{self.name}"):
             llm = AsyncLLM.from_engine_args(args)
@@ -293,7 +321,12 @@ class VllmLocalEngine:
         )
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        *,
+        adapter: AdapterRef | None = None,
     ) -> AsyncIterator[Chunk]:
         if not self.ready:
             if not self.autostart:
@@ -307,7 +340,8 @@ class VllmLocalEngine:
         rid = request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
-            outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
+            lora = {"lora_request": adapter.request()} if adapter is not None else {}
+            outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid, **lora)
             # aclosing: a caller that stops reading aborts the request in the engine at once,
             # not whenever the generator happens to be garbage-collected.
             async with contextlib.aclosing(outputs) as results:
@@ -388,7 +422,11 @@ class VllmLocalEngine:
 
 
 class VllmKind:
-    """`engine: vllm` (or no `engine:`): the expert's model runs in this process's vLLM."""
+    """`engine: vllm` (or no `engine:`): the expert's model runs in this process's vLLM.
+
+    A LoRA adapter expert (`base:` + `adapter:`) runs on its base's engine: the base expert's
+    engine when `base:` names an expert, else an engine of the model `base:` names, with this
+    entry's dtype, max_model_len and `vllm:` options (adapters of one base model share it)."""
 
     name: ClassVar[str] = "vllm"
     fields: ClassVar[type[EngineOptions]] = VllmExpertFields
@@ -396,18 +434,94 @@ class VllmKind:
 
     @classmethod
     def check(cls, expert: ExpertView) -> list[str]:
+        assert isinstance(expert, VllmExpertFields)
+        problems: list[str] = []
+        lora = expert.vllm.lora
+        if lora is not None and lora.max_cpu_loras is not None:
+            if lora.max_cpu_loras < lora.max_loras:
+                problems.append(
+                    f"vllm.lora.max_cpu_loras: {lora.max_cpu_loras} is below max_loras "
+                    f"({lora.max_loras}); the adapters of a batch are held on the host too"
+                )
+        if (expert.base is None) != (expert.adapter is None):
+            have, lack = ("base", "adapter") if expert.base else ("adapter", "base")
+            problems.append(f"{lack}: required with {have} (a LoRA expert names both)")
+            return problems
+        if expert.adapter is not None:
+            if expert.model:
+                problems.append(
+                    "model: not allowed on a LoRA expert (its base is `base:`; the model "
+                    "of its engine is the base's)"
+                )
+            return problems
         if not expert.model:
             where = "a path, a Hugging Face repo id, or coe:NAME"
-            return [f"model: required when engine is 'vllm' ({where})"]
-        return []
+            return [*problems, f"model: required when engine is 'vllm' ({where})"]
+        return problems
+
+    @classmethod
+    def check_pool(cls, pool: Any, expert: ExpertView) -> list[str]:
+        """Checks of an adapter expert that need the rest of the pool (its base) and the disk
+        (the adapter folder), each starting with the key path inside the entry."""
+        assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is None or expert.base is None:
+            return []
+        base = cls._base_expert(pool, expert)
+        if base is not None:
+            if base.engine != cls.name:
+                return [f"base: expert '{base.name}' runs on engine '{base.engine}'; a LoRA "
+                        "expert's base must run on engine 'vllm'"]  # fmt: skip
+            if base.adapter is not None:
+                return [f"base: expert '{base.name}' is itself a LoRA expert; name its base "
+                        f"'{base.base}' instead"]  # fmt: skip
+            if base.vllm.lora is None:
+                return [f"base: expert '{base.name}' serves no adapters; add `lora:` under its "
+                        "`vllm:` (max_loras, max_rank, max_cpu_loras)"]  # fmt: skip
+        spec = cls.engine_key(pool, expert)
+        assert spec.options.lora is not None
+        try:
+            info = read_adapter(pool.resolve_path(expert.adapter))
+        except AdapterError as exc:
+            return [f"adapter: {exc}"]
+        where = f"expert '{base.name}'s vllm.lora.max_rank" if base else "vllm.lora.max_rank"
+        if info.rank > spec.options.lora.max_rank:
+            return [f"adapter: rank {info.rank} is above {where} ({spec.options.lora.max_rank}); "
+                    "raise it to a rank vLLM supports (1, 8, 16, 32, 64, ...)"]  # fmt: skip
+        return [f"adapter: does not fit base '{expert.base}': {p}"
+                for p in fit_problems(info, Path(spec.model))]  # fmt: skip
+
+    @classmethod
+    def _base_expert(cls, pool: Any, expert: VllmExpertFields) -> Any:
+        """The pool's expert that `base:` names, or None when `base:` names a model."""
+        if expert.base is None or expert.base not in pool.expert_names:
+            return None
+        return pool.expert(expert.base)
 
     @classmethod
     def backend(cls, expert: ExpertView) -> str:
+        assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is not None:
+            return f"{expert.base} + LoRA {expert.adapter}"
         return expert.model or ""
 
     @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> VllmSpec:
         assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is not None:
+            base = cls._base_expert(pool, expert)
+            if base is not None:
+                return cls.engine_key(pool, base)
+            # A model as base: this entry's own engine keys, with LoRA on.
+            options = expert.vllm
+            if options.lora is None:
+                options = options.model_copy(update={"lora": LoraOptions()})
+            as_model = expert.model_copy(update={"model": expert.base})
+            return VllmSpec(
+                model=pool.resolve_model(as_model),
+                dtype=expert.dtype,
+                max_model_len=expert.max_model_len,
+                options=options,
+            )
         return VllmSpec(
             model=pool.resolve_model(expert),
             dtype=expert.dtype,
@@ -418,3 +532,13 @@ class VllmKind:
     @classmethod
     def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> VllmLocalEngine:
         return VllmLocalEngine(name, cls.engine_key(pool, expert))
+
+    @classmethod
+    def for_expert(cls, pool: Any, expert: ExpertView, engine: Any) -> Any:
+        """The engine an expert is served by, given its key's shared engine: an adapter expert
+        sends each request with its adapter."""
+        assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is None:
+            return engine
+        path = str(pool.resolve_path(expert.adapter).resolve())
+        return AdapterExpertEngine(engine, AdapterRef(expert.name, adapter_id(path), path))

@@ -35,7 +35,7 @@ def lora_pool(adapters: list[Path], **base_vllm: object) -> dict:
                 {"name": f"tuned{i}", "base": "gemma", "adapter": str(a)}
                 for i, a in enumerate(adapters)
             ),
-        ],  # fmt: skip
+        ],
         "categories": [{"name": "general", "expert": "gemma"}],
     }
 
@@ -87,7 +87,7 @@ def test_a_model_as_base_shares_one_engine_among_its_adapters(
                 "vllm": entry["vllm"],
             }
             for i, a in enumerate(adapters)
-        ],  # fmt: skip
+        ],
         "categories": [{"name": "general", "expert": "tuned0"}],
     }
     cfg = load_config(write(tmp_path, data))

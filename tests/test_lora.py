@@ -180,3 +180,15 @@ class _Fake:
 
     def stream(self, *args: object, **kwargs: object) -> object:
         raise NotImplementedError
+
+
+def test_coe_experts_shows_adapter_experts(tmp_path: Path, adapters: list[Path]) -> None:
+    from .conftest import coe
+
+    result = coe("--config", str(write(tmp_path, lora_pool(adapters))), "experts", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads(result.stdout)["experts"]}
+    assert rows["gemma"]["lora"] is None
+    assert rows["tuned1"]["lora"] == {"base": "gemma", "adapter": str(adapters[1]), "rank": 8}
+    table = coe("--config", str(write(tmp_path, lora_pool(adapters))), "experts")
+    assert "LoRA" in table.stdout and "r8" in table.stdout  # rich wraps the cell

@@ -192,3 +192,21 @@ def test_coe_experts_shows_adapter_experts(tmp_path: Path, adapters: list[Path])
     assert rows["tuned1"]["lora"] == {"base": "gemma", "adapter": str(adapters[1]), "rank": 8}
     table = coe("--config", str(write(tmp_path, lora_pool(adapters))), "experts")
     assert "LoRA" in table.stdout and "r8" in table.stdout  # rich wraps the cell
+
+
+def test_null_adapter_is_a_zero_rank_one_adapter_of_the_base(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from coe.engines.lora import LoraOptions, fit_problems, null_adapter, read_adapter
+    from coe.engines.vllm_local import _lora_args
+    from coe.models import prepare_model
+
+    base = prepare_model("gemma-3-270m")
+    folder = null_adapter(base, tmp_path / "null")
+    info = read_adapter(folder)
+    assert info.rank == 1 and fit_problems(info, base) == []
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(tensors) == 2 and all(not t.any() for t in tensors.values())
+    assert _lora_args(None) == {}
+    args = _lora_args(LoraOptions(max_loras=2, max_rank=8))
+    assert args == {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 2}

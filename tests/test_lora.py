@@ -210,3 +210,10 @@ def test_null_adapter_is_a_zero_rank_one_adapter_of_the_base(tmp_path: Path) -> 
     assert _lora_args(None) == {}
     args = _lora_args(LoraOptions(max_loras=2, max_rank=8))
     assert args == {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 2}
+
+
+def test_an_adapter_expert_needs_its_bases_model(tmp_path: Path, adapters: list[Path]) -> None:
+    from coe.cli.runtime import needed_models
+
+    cfg = load_config(write(tmp_path, lora_pool(adapters)))
+    assert needed_models(cfg, ["tuned0"]) == ["coe:gemma-3-270m"]

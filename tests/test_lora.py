@@ -60,15 +60,24 @@ def test_adapters_share_the_base_engine_each_with_its_own_adapter(
     assert len(keys) == 1  # the base and its three adapters: one engine
     (spec,) = keys
     assert spec.options.lora is not None and spec.options.lora.max_loras == 2
-    pool = EnginePool(cfg, lambda config, expert, name: _Fake(name))
+    # The pool's own engines: one, and each adapter expert's view of it carries the adapter.
+    pool = EnginePool(cfg)
     assert len(pool.engines) == 1
     assert pool.engine_for("gemma") is pool.engines[0]
     views = [pool.engine_for(f"tuned{i}") for i in range(3)]
     assert all(isinstance(v, AdapterExpertEngine) and v.engine is pool.engines[0] for v in views)
-    ids = [v.adapter.id for v in views]  # type: ignore[union-attr]
+    ids = [v.adapter.id for v in views]  # type: ignore[attr-defined]
     assert len(set(ids)) == 3
     # Stable: the id is the folder's, in any process.
     assert ids[0] == adapter_id(adapters[0])
+    # Injected engines (a Ray gateway's handles) know no adapters: each LoRA expert has its own,
+    # so its deployment serves the request as that expert.
+    injected = EnginePool(cfg, lambda config, expert, name: _Fake(name))
+    assert [injected.engine_for(n).name for n in ("gemma", "tuned0", "tuned2")] == [
+        "gemma",
+        "tuned0",
+        "tuned2",
+    ]
     backend = engine_kind("vllm").backend(cfg.expert("tuned0"))
     assert backend.startswith("gemma + LoRA ")
 

@@ -520,6 +520,11 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
                 f"experts[{i}].name: 'auto' is reserved (the gateway's routed model); rename it"
             )
         problems.extend(f"experts[{i}].{p}" for p in ENGINE_KINDS[e.engine].check(e))
+    for i, e in enumerate(cfg.experts):
+        # Checks against the rest of the pool (a LoRA expert's base), for kinds that have them.
+        check_pool = getattr(ENGINE_KINDS[e.engine], "check_pool", None)
+        if check_pool is not None and not any(p.startswith(f"experts[{i}].") for p in problems):
+            problems.extend(f"experts[{i}].{p}" for p in check_pool(cfg, e))
     cats = cfg.category_names
     for i, c in enumerate(cfg.categories):
         if c.name in cats[:i]:

@@ -57,8 +57,8 @@ def cuda_available() -> bool:
 def plan_groups(config: PoolConfig, cuda: bool | None = None) -> list[GroupPlan]:
     plans: dict[tuple[object, ...], GroupPlan] = {}
     for expert in config.experts:
-        if expert.engine != "vllm":
-            continue
+        if expert.engine != "vllm" or expert.adapter is not None or expert.vllm.lora is not None:
+            continue  # LoRA bases and their adapters: one plain engine, adapters per request
         path = config.resolve_model(expert)
         signature = unit_signature(path, expert.dtype)
         if signature is None:

@@ -80,10 +80,18 @@ class EnginePool:
                 self._for_expert[expert.name] = SlotExpertEngine(expert.name, group)
                 continue
             key = engine_key(config, expert)
+            own_view = getattr(engine_kind(expert.engine), "for_expert", None)
+            if factory is not default_engine_factory and getattr(expert, "adapter", None):
+                # Injected engines (a Ray gateway's handles to its deployments, a test's) know
+                # nothing of adapters: a LoRA expert gets one of its own, asked by its name.
+                key, own_view = ("expert", expert.name), None
             if key not in self._by_key:
                 # The first expert on an engine names it; the others share it.
                 self._by_key[key] = factory(config, expert, expert.name)
-            self._for_expert[expert.name] = self._by_key[key]
+            # An engine kind may give an expert its own view of the shared engine (a LoRA
+            # adapter expert sends its adapter with each request).
+            shared = self._by_key[key]
+            self._for_expert[expert.name] = own_view(config, expert, shared) if own_view else shared
         self._status: StatusFile | None = None
         if self.groups:
             status = self._status = StatusFile(config.source)

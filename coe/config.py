@@ -244,6 +244,8 @@ class ApiKey(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # None: the gateway's default limits.
     limits: RateLimits | None = None
+    # May change the pool while it serves (/admin: reload experts.yaml, load or unload adapters).
+    admin: bool = False
 
 
 class ResponseCacheSettings(_Strict):
@@ -651,19 +653,24 @@ def parse_config(data: Any, source: Path | str) -> PoolConfig:
 
 def load_config(path: Path | str | None = None) -> PoolConfig:
     """Load experts.yaml: the given path, else $COE_CONFIG, ./experts.yaml, or the project's."""
+    chosen, data = read_config_data(path)
+    return parse_config(data, chosen)
+
+
+def read_config_data(path: Path | str | None = None) -> tuple[Path, Any]:
+    """experts.yaml as YAML data, unchecked (see load_config), with the path it was read from."""
     chosen = Path(path) if path else default_config_path()
     try:
         text = chosen.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(chosen, [f"cannot read the file: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        return chosen, yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(chosen, [f"{where}not valid YAML: {problem}"]) from None
-    return parse_config(data, chosen)
 
 
 def default_config_path() -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Hashable
+from typing import Any
 
 from coe.cache.group import SlotExpertEngine, SlotGroup
 from coe.cache.plan import build_groups, build_sleepers, plan_groups
@@ -51,8 +52,14 @@ class EnginePool:
         factory: EngineFactory = default_engine_factory,
         *,
         slot_factory: SlotEngineFactory = vllm_slot_engine,
+        reuse: EnginePool | None = None,
     ):
+        """``reuse``: a running pool whose engines this one takes over where they fit (the
+        same engine key; the weight cache when its plan is unchanged): a reload starts only
+        the engines it lacks. See ``successor``."""
         self.config = config
+        self.factory = factory
+        self.slot_factory = slot_factory
         self._by_key: dict[Hashable, Engine] = {}
         self._for_expert: dict[str, Engine] = {}
         self.groups: dict[str, SlotGroup] = {}
@@ -66,8 +73,13 @@ class EnginePool:
                 "(cache.hbm_bytes in experts.yaml), whose engines come from slot_factory: pass "
                 "one beside factory"
             )
-        group_of = build_groups(config, plans, slot_factory)
-        sleeper_of = build_sleepers(config, plans, slot_factory)
+        self._plans = plans
+        if reuse is not None and reuse._plans == plans:
+            group_of, sleeper_of = reuse._group_of, reuse._sleeper_of
+        else:
+            group_of = build_groups(config, plans, slot_factory)
+            sleeper_of = build_sleepers(config, plans, slot_factory)
+        self._group_of, self._sleeper_of = group_of, sleeper_of
         for expert in config.experts:
             if expert.name in sleeper_of:
                 sleeper = sleeper_of[expert.name]
@@ -87,20 +99,47 @@ class EnginePool:
                 key, own_view = ("expert", expert.name), None
             if key not in self._by_key:
                 # The first expert on an engine names it; the others share it.
-                self._by_key[key] = factory(config, expert, expert.name)
+                running = reuse._by_key.get(key) if reuse is not None else None
+                self._by_key[key] = running or factory(config, expert, expert.name)
             # An engine kind may give an expert its own view of the shared engine (a LoRA
             # adapter expert sends its adapter with each request).
             shared = self._by_key[key]
             self._for_expert[expert.name] = own_view(config, expert, shared) if own_view else shared
         self._status: StatusFile | None = None
+        self._listener: Callable[[bool], None] | None = None
         if self.groups:
             status = self._status = StatusFile(config.source)
-            residency = next(iter(self.groups.values())).residency
-            residency.listeners.append(lambda force: status.write(self.cache_status, force))
-        owners = {id(o): o for o in [*self._by_key.values(), *self.groups.values()]}
+            self._listener = lambda force: status.write(self.cache_status, force)
+            self._residency().listeners.append(self._listener)
         # Engines in this process (plain vLLM engines, slot groups, sleepers); a remote server
         # is someone else's to restart.
-        self.supervisor = Supervisor(o for o in owners.values() if isinstance(o, Supervised))
+        self.supervisor = Supervisor(o for o in self.owners() if isinstance(o, Supervised))
+
+    def successor(self, config: PoolConfig) -> EnginePool:
+        """A pool for a changed experts.yaml that keeps this pool's engines where they fit
+        (same engine factories). Start it, then ``retire`` this one."""
+        return EnginePool(config, self.factory, slot_factory=self.slot_factory, reuse=self)
+
+    def owners(self) -> list[Engine | SlotGroup]:
+        """What this pool starts and shuts down: plain engines, sleepers and slot groups."""
+        owners = {id(o): o for o in [*self._by_key.values(), *self.groups.values()]}
+        return list(owners.values())
+
+    def _residency(self) -> Any:
+        return next(iter(self.groups.values())).residency
+
+    async def retire(self, successor: EnginePool) -> list[Engine | SlotGroup]:
+        """Hand over to ``successor`` (already started): stop supervising, and shut down the
+        engines it did not take over. The caller waits for this pool's requests first."""
+        await self.supervisor.stop()
+        if self._listener is not None:
+            self._residency().listeners.remove(self._listener)
+        kept = {id(o) for o in successor.owners()}
+        dropped = [o for o in self.owners() if id(o) not in kept]
+        await asyncio.gather(*(o.shutdown() for o in dropped))
+        if self._status is not None and successor._status is None:
+            self._status.remove()
+        return dropped
 
     def engine_for(self, expert: str) -> Engine:
         return self._for_expert[expert]
@@ -160,7 +199,6 @@ class EnginePool:
     async def shutdown(self) -> None:
         # The supervisor first: it must not restart an engine that is being shut down.
         await self.supervisor.stop()
-        owners = [*self._by_key.values(), *self.groups.values()]
-        await asyncio.gather(*(o.shutdown() for o in owners))
+        await asyncio.gather(*(o.shutdown() for o in self.owners()))
         if self._status is not None:
             self._status.remove()

@@ -74,18 +74,19 @@ def serve(
 
     model "auto" routes each request; an expert's name skips routing; "auto:CATEGORY" uses
     the category's expert. Also /v1/models, /v1/route, /health and /metrics (behind the keys).
+    SIGHUP or POST /admin/reload (an admin key) reloads experts.yaml without a restart.
     API keys come from gateway.api_keys in experts.yaml (hashed) and $COE_API_KEYS
     (comma-separated, 32 characters or more). Without keys, only a loopback --host is served,
     unless --allow-open.
     """
-    from coe.gateway.auth import KeyRing, env_keys
+    from coe.gateway.auth import KeyRing
     from coe.gateway.server import GatewayServer, check_exposure, is_loopback
     from coe.redact import redact_url
 
     cfg = cli.config
     # Keys and exposure are checked before any model is prepared or engine started: a refusal
     # comes in a second, not after the minute an engine takes.
-    keys = KeyRing.from_settings(cfg.gateway.api_keys, cfg.gateway.limits, env_keys())
+    keys = KeyRing.for_gateway(cfg.gateway)
     check_exposure(host, keys.required, allow_open)
     if not keys.required and not is_loopback(host):
         click.echo(
@@ -102,6 +103,9 @@ def serve(
             pool.orchestrator, pool.runner, host=host, port=port, keys=keys, log_level=log_level
         )
         signal.signal(signal.SIGTERM, _interrupt)
+        # SIGHUP: read experts.yaml (and the router) again; a broken file changes nothing.
+        say = lambda message: click.echo(message, err=True)  # noqa: E731
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_soon(say))
         try:
             server.start()
         except (OSError, RuntimeError) as exc:

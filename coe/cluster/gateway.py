@@ -21,6 +21,7 @@ from coe.cluster.serve_engine import ServeEngine
 from coe.config import CacheBudgets, Expert, PoolConfig, load_config
 from coe.engines.base import Engine
 from coe.gateway.app import create_app
+from coe.gateway.live import LivePool
 from coe.gateway.server import build_service, open_store_on_loop
 from coe.orchestrator import Orchestrator
 
@@ -76,7 +77,8 @@ class GatewayReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
-        app = create_app(self.service, self.keys)
+        # Serve redeploys a cluster's pool as a whole; /admin/reload says so.
+        app = create_app(LivePool(self.service, self.keys, reloadable=False))
         return NameReplica(app, self.replica_id)
 
     async def __del__(self) -> None:

@@ -16,23 +16,28 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coe import __version__
+from coe.errors import CoeError
 from coe.gateway import anthropic, completions, errors, metrics
 from coe.gateway.anthropic_schema import AnthropicError, MessagesRequest
 from coe.gateway.anthropic_schema import Message as AnthropicMessage
-from coe.gateway.auth import Client, KeyRing
+from coe.gateway.auth import Client
 from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
 from coe.gateway.completions_schema import Completion, CompletionRequest
 from coe.gateway.errors import (
+    forbidden,
     invalid,
+    pool_change_refused,
     rate_limited,
     store_misconfigured,
     store_unavailable,
     too_large,
     unauthorized,
 )
+from coe.gateway.live import LivePool
 from coe.gateway.responses import ResponsesAPI
 from coe.gateway.responses_schema import Response as ResponseObject
 from coe.gateway.responses_schema import ResponsesRequest
@@ -46,7 +51,6 @@ from coe.gateway.schema import (
     RouteRequest,
     RouteResponse,
 )
-from coe.gateway.service import ChatService
 from coe.gateway.translate import STREAM_HEADERS, call_for, chunks
 from coe.store import StoreMisconfiguredError, StoreUnavailableError
 
@@ -73,7 +77,9 @@ ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
+def create_app(live: LivePool) -> FastAPI:
+    """The gateway's app. Each request is served by the pool's generation current when it
+    arrived (``live``: a reload swaps it; the request finishes on what it started with)."""
     app = FastAPI(
         title="coe gateway",
         version=__version__,
@@ -93,13 +99,15 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         "/v1/responses",
         "/v1/completions",
     }
-    app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
+    # Settings of the first experts.yaml; a reload does not change them (restart to).
+    first = live.service
+    app.add_middleware(BodyLimit, limit=first.settings.max_body_bytes)
     # Outside BodyLimit, so that its 413 is rewritten too.
     app.add_middleware(ErrorDialect, renderers={"/v1/messages": anthropic.error})
     app.add_middleware(RequestMetrics, endpoints=paths)
-    store = service.store
-    # What limits do while Redis is away: closed (503) by default once clients need keys.
-    on_store_error = service.settings.limits.store_error_policy(keys.required)
+    # Outermost: counts each request against the generation it started on.
+    app.add_middleware(InFlight, live=live)
+    store = first.store
 
     async def client(
         request: Request,
@@ -110,7 +118,7 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         header = request.headers.get("authorization")
         if header is None and api_key is not None:
             header = f"Bearer {api_key}"
-        found = keys.identify(header, peer)
+        found = live.keys.identify(header, peer)
         if found is None:
             raise unauthorized(
                 "Missing API key: send Authorization: Bearer KEY (or x-api-key: KEY)"
@@ -131,7 +139,8 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
             metrics.STORE_TROUBLE.labels("misconfigured").inc()
             raise store_misconfigured() from exc
         except StoreUnavailableError as exc:
-            if on_store_error == "open":
+            # What limits do while Redis is away: closed (503) by default once keys are needed.
+            if live.service.settings.limits.store_error_policy(live.keys.required) == "open":
                 metrics.STORE_TROUBLE.labels("admitted_unchecked").inc()
                 return found
             metrics.STORE_TROUBLE.labels("refused").inc()
@@ -167,10 +176,10 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
             cache_control=request.headers.get(CACHE_CONTROL_HEADER),
         )
         if body.stream:
-            headers, events = await until_disconnect(request, service.stream(call))
+            headers, events = await until_disconnect(request, live.service.stream(call))
             headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        completion, headers = await until_disconnect(request, service.complete(call))
+        completion, headers = await until_disconnect(request, live.service.complete(call))
         return JSONResponse(completion.model_dump(), headers=headers)
 
     @app.post(
@@ -187,15 +196,15 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         refuse_unsupported(body.check_supported())
         call = call_for(anthropic.to_chat(body), found, request.headers, anthropic.ID_PREFIX)
         if body.stream:
-            headers, stream = await until_disconnect(request, chunks(service, call))
+            headers, stream = await until_disconnect(request, chunks(live.service, call))
             events = anthropic.events(call.id, stream)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers=headers | STREAM_HEADERS
             )
-        completion, headers = await until_disconnect(request, service.complete(call))
+        completion, headers = await until_disconnect(request, live.service.complete(call))
         return JSONResponse(anthropic.message(completion).model_dump(), headers=headers)
 
-    responses_api = ResponsesAPI(store, service.settings.session_ttl_s)
+    responses_api = ResponsesAPI(store, first.settings.session_ttl_s)
 
     @app.post(
         "/v1/responses",
@@ -211,12 +220,12 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         refuse_unsupported(body.check_supported())
         turn = await responses_api.prepare(body, found, request.headers)
         if body.stream:
-            headers, stream = await until_disconnect(request, chunks(service, turn.call))
+            headers, stream = await until_disconnect(request, chunks(live.service, turn.call))
             events = responses_api.events(turn, stream)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers=headers | STREAM_HEADERS
             )
-        completion, headers = await until_disconnect(request, service.complete(turn.call))
+        completion, headers = await until_disconnect(request, live.service.complete(turn.call))
         answer = await responses_api.complete(turn, completion)
         return JSONResponse(answer.model_dump(), headers=headers)
 
@@ -233,22 +242,22 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         refuse_unsupported(body.check_supported())
         calls = completions.calls(body, found, request.headers)
         if body.stream:
-            headers, stream = await until_disconnect(request, chunks(service, calls[0]))
+            headers, stream = await until_disconnect(request, chunks(live.service, calls[0]))
             events = completions.events(body, calls[0], stream)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers=headers | STREAM_HEADERS
             )
-        work = completions.complete(body, calls, service.complete)
+        work = completions.complete(body, calls, live.service.complete)
         completion, headers = await until_disconnect(request, work)
         return JSONResponse(completion.model_dump(), headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def list_models(found: Annotated[Client, Depends(client)]) -> ModelList:
-        return service.models()
+        return live.service.models()
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_errors(401, 404))
     async def get_model(model_id: str, found: Annotated[Client, Depends(client)]) -> ModelCard:
-        return service.model(model_id)
+        return live.service.model(model_id)
 
     @app.post(
         "/v1/route", response_model=RouteResponse, responses={**COMMON_ERRORS, **_errors(404)}
@@ -258,21 +267,21 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
     ) -> RouteResponse:
         """Where a conversation would go, without generating."""
         messages = [m.to_message() for m in body.messages]
-        decision = await service.route(body.model, messages, owner=found.subject)
+        decision = await live.service.route(body.model, messages, owner=found.subject)
         return RouteResponse.model_validate(decision.as_dict())
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> HealthResponse:
         """Liveness (200 while the gateway answers) and a summary: each expert's state, the
         store's; `status` and `ready` sum them up."""
-        return await service.health()
+        return await live.service.health()
 
     @app.get(
         "/health/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}}
     )
     async def ready() -> JSONResponse:
         """Readiness: 503 while an expert the router sends to is down, or the store is."""
-        body = await service.health()
+        body = await live.service.health()
         return JSONResponse(body.model_dump(), 200 if body.ready else 503)
 
     @app.get(
@@ -285,11 +294,82 @@ def create_app(service: ChatService, keys: KeyRing) -> FastAPI:
         so a scraper never gets a 429): they tell each client's traffic and the pool's load.
         /health stays open, for load balancers and container healthchecks."""
         metrics.STORE_HEALTHY.set(1 if store.healthy else 0)
-        for engine, count in service.unfinished_requests().items():
+        for engine, count in live.service.unfinished_requests().items():
             metrics.ENGINE_UNFINISHED.labels(engine).set(count)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    async def admin(found: Annotated[Client, Depends(client)]) -> Client:
+        if not found.admin:
+            raise forbidden(
+                "This key may not change the pool: /admin needs a key with `admin: true` in "
+                "gateway.api_keys (or one in $COE_ADMIN_KEYS)"
+            )
+        return found
+
+    @app.post("/admin/reload", responses=_errors(400, 401, 403, 503), summary="Reload the pool")
+    async def reload(found: Annotated[Client, Depends(admin)]) -> JSONResponse:
+        """Read experts.yaml (and the router folder) again and serve it; requests in flight
+        finish on the pool they started with. A broken file changes nothing (400)."""
+        try:
+            report = await live.reload()
+        except CoeError as exc:
+            raise pool_change_refused(exc) from exc
+        return JSONResponse(report.as_dict())
+
+    @app.post("/admin/adapters", responses=_errors(400, 401, 403, 503), summary="Load an adapter")
+    async def load_adapter(
+        body: AdapterEntry, found: Annotated[Client, Depends(admin)]
+    ) -> JSONResponse:
+        """Serve a LoRA adapter as an expert (its entry as in experts.yaml: name, base,
+        adapter), until unloaded or the gateway restarts."""
+        try:
+            report = await live.load_adapter(body.model_dump(exclude_none=True))
+        except CoeError as exc:
+            raise pool_change_refused(exc) from exc
+        return JSONResponse(report.as_dict())
+
+    @app.delete(
+        "/admin/adapters/{name}", responses=_errors(400, 401, 403), summary="Unload an adapter"
+    )
+    async def unload_adapter(name: str, found: Annotated[Client, Depends(admin)]) -> JSONResponse:
+        """Stop serving an adapter loaded through /admin/adapters."""
+        try:
+            report = await live.unload_adapter(name)
+        except CoeError as exc:
+            raise pool_change_refused(exc) from exc
+        return JSONResponse(report.as_dict())
+
     return app
+
+
+class AdapterEntry(BaseModel):
+    """An adapter expert, as its experts.yaml entry (the checks are experts.yaml's)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    base: str
+    adapter: str
+    description: str | None = None
+
+
+class InFlight:
+    """Counts each HTTP request against the pool generation current when it arrived, so that
+    a reload retires the previous generation's engines only once its requests are done."""
+
+    def __init__(self, app: ASGIApp, live: LivePool):
+        self.app = app
+        self.live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        generation = self.live.current
+        generation.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            generation.leave()
 
 
 def refuse_unsupported(unsupported: tuple[str, str] | None) -> None:

@@ -64,6 +64,18 @@ def unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def forbidden(message: str) -> APIError:
+    return APIError(403, message, type="permission_error", code="forbidden")
+
+
+def pool_change_refused(exc: CoeError) -> APIError:
+    """An /admin change of the pool that did not happen: the new file or adapter is wrong
+    (400, with the start-time error), or the new pool did not start (503)."""
+    if isinstance(exc, UnavailableError):
+        return APIError(503, str(exc), type="server_error", code="reload_failed")
+    return invalid(str(exc), code="invalid_config")
+
+
 def rate_limited(limit: str | None, retry_after_s: float) -> APIError:
     seconds = max(1, int(retry_after_s + 0.999))
     return APIError(

@@ -8,14 +8,16 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
 from coe.config import PoolConfig
-from coe.errors import ConfigurationError
+from coe.errors import CoeError, ConfigurationError
 from coe.gateway.app import create_app
-from coe.gateway.auth import API_KEYS_ENV, KeyRing, env_keys
+from coe.gateway.auth import API_KEYS_ENV, KeyRing
+from coe.gateway.live import LivePool
 from coe.gateway.service import ChatService
 from coe.orchestrator import Orchestrator
 from coe.redact import redact_text
@@ -57,7 +59,7 @@ def build_service(
 ) -> tuple[ChatService, KeyRing]:
     config: PoolConfig = orchestrator.config
     settings = config.gateway
-    ring = keys or KeyRing.from_settings(settings.api_keys, settings.limits, env_keys())
+    ring = keys or KeyRing.for_gateway(settings)
     return ChatService(orchestrator, settings), ring
 
 
@@ -100,7 +102,8 @@ class GatewayServer:
         self.host = host
         self.store = orchestrator.store
         self.service, self.keys = build_service(orchestrator, keys)
-        self.app = create_app(self.service, self.keys)
+        self.live = LivePool(self.service, self.keys)
+        self.app = create_app(self.live)
         config = uvicorn.Config(
             self.app,
             host=host,
@@ -112,6 +115,7 @@ class GatewayServer:
         )
         self.server = uvicorn.Server(config)
         self._future: Any = None
+        self._reloads: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -132,6 +136,25 @@ class GatewayServer:
                 raise RuntimeError(f"the gateway did not listen within {timeout_s:.0f} s")
             time.sleep(0.02)
 
+    def reload_soon(self, report: Callable[[str], None]) -> None:
+        """Reload experts.yaml on the serving loop (SIGHUP), telling ``report`` how it went;
+        a refused file leaves the pool as it was."""
+
+        async def reload() -> None:
+            try:
+                done = await self.live.reload()
+            except CoeError as exc:
+                report(f"reload refused, the pool is unchanged: {redact_text(str(exc))}")
+                return
+            report(f"reloaded: {done.as_dict()}")
+
+        def schedule() -> None:
+            task = self.runner.loop.create_task(reload())
+            self._reloads.add(task)  # held: the loop keeps only a weak reference
+            task.add_done_callback(self._reloads.discard)
+
+        self.runner.loop.call_soon_threadsafe(schedule)
+
     def wait(self) -> None:
         """Block until the server stops (Ctrl-C or SIGTERM in the main thread stops it)."""
         try:
@@ -149,5 +172,6 @@ class GatewayServer:
             self._future.result(timeout=15)
         except Exception as exc:  # already stopping: report, do not mask the shutdown
             log.warning("gateway stopped with %s", redact_text(str(exc)))
+        self.runner.run(self.live.close())
         self.runner.run(self.store.close())
         self._future = None

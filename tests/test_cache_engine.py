@@ -143,7 +143,8 @@ def moves_into_hbm() -> dict[str, float]:
     """coe_weight_moves_total{to_tier="hbm"} by from_tier, as /metrics exports it."""
     return {
         tier.value: REGISTRY.get_sample_value(
-            "coe_weight_moves_total", {"from_tier": tier.value, "to_tier": "hbm"}
+            "coe_weight_moves_total",
+            {"kind": "checkpoint", "from_tier": tier.value, "to_tier": "hbm"},
         )
         or 0.0
         for tier in Tier

@@ -226,3 +226,57 @@ def test_an_adapter_expert_needs_its_bases_model(tmp_path: Path, adapters: list[
 
     cfg = load_config(write(tmp_path, lora_pool(adapters)))
     assert needed_models(cfg, ["tuned0"]) == ["coe:gemma-3-270m"]
+
+
+def test_adapter_residency_mirrors_vllms_slot_and_host_caches(tmp_path: Path) -> None:
+    """Two slots, three adapters in host memory: the least recently used adapter leaves its
+    slot for host memory, then host memory for disk; every move is reported once."""
+    from coe.engines.lora import AdapterResidency
+
+    residency = AdapterResidency(slots=2, host=3)
+    moves: list[tuple[str, str, str]] = []
+    residency.listeners.append(lambda *move: moves.append(move))
+    for name in "abcd":
+        residency.register(name, tmp_path / name)
+    residency.used("a")
+    residency.used("b")
+    assert moves == [("a", "disk", "host"), ("a", "host", "engine"),
+                     ("b", "disk", "host"), ("b", "host", "engine")]  # fmt: skip
+    moves.clear()
+    residency.used("c")  # a leaves its slot (b was used later)
+    assert moves == [("c", "disk", "host"), ("c", "host", "engine"), ("a", "engine", "host")]
+    assert [residency.tier(n) for n in "abcd"] == ["host", "engine", "engine", "disk"]
+    moves.clear()
+    residency.loaded("d")  # a prefetch: host memory holds three, so a goes back to disk
+    assert moves == [("d", "disk", "host"), ("a", "host", "disk")]
+    residency.used("b")  # already in a slot: no move, one more hit
+    assert moves == [("d", "disk", "host"), ("a", "host", "disk")]
+    rows = {r["expert"]: r for r in residency.status()}
+    assert {n: r["tier"] for n, r in rows.items()} == {
+        "a": "disk", "b": "engine", "c": "engine", "d": "host"}  # fmt: skip
+    assert rows["b"]["hits"] == 2 and rows["d"]["hits"] == 0
+    residency.reset()  # the engine restarted: nothing loaded
+    assert {residency.tier(n) for n in "abcd"} == {"disk"}
+
+
+def test_pool_counts_adapter_moves_and_lists_adapters_in_the_cache_status(
+    tmp_path: Path, adapters: list[Path]
+) -> None:
+    """The pool reports its LoRA engine's adapter moves as coe_weight_moves_total{kind=
+    "adapter"} and lists the adapters with their tiers (what `coe experts` shows live)."""
+    from prometheus_client import REGISTRY
+
+    cfg = load_config(write(tmp_path, lora_pool(adapters)))
+    pool = EnginePool(cfg)  # not started: the residency is bookkeeping of its own
+    residency = pool.engines[0].adapters  # type: ignore[attr-defined]
+
+    def moved(source: str, target: str) -> float:
+        labels = {"kind": "adapter", "from_tier": source, "to_tier": target}
+        return REGISTRY.get_sample_value("coe_weight_moves_total", labels) or 0.0
+
+    before = moved("host", "engine"), moved("disk", "host")
+    assert {r["tier"] for r in pool.cache_status()} == {"disk"}
+    residency.used("tuned1")
+    assert (moved("host", "engine"), moved("disk", "host")) == (before[0] + 1, before[1] + 1)
+    tiers = {r["expert"]: r["tier"] for r in pool.cache_status()}
+    assert tiers == {"tuned0": "disk", "tuned1": "engine", "tuned2": "disk"}

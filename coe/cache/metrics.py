@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-SWAPS = Counter("coe_weight_moves", "Expert weight moves between tiers.", ["from_tier", "to_tier"])
+# kind: "checkpoint" (a full expert's weights) or "adapter" (a LoRA adapter: tiers engine,
+# host, disk).
+SWAPS = Counter(
+    "coe_weight_moves", "Expert weight moves between tiers.", ["kind", "from_tier", "to_tier"]
+)
 SWAP_SECONDS = Histogram(
     "coe_weight_move_seconds",
     "Seconds per expert weight move between tiers.",

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from coe.cache import metrics
 from coe.cache.group import SlotExpertEngine, SlotGroup
 from coe.cache.plan import build_groups, build_sleepers, plan_groups
 from coe.cache.slot import SlotEngineFactory, vllm_slot_engine
@@ -107,13 +108,30 @@ class EnginePool:
             self._for_expert[expert.name] = own_view(config, expert, shared) if own_view else shared
         self._status: StatusFile | None = None
         self._listener: Callable[[bool], None] | None = None
-        if self.groups:
+        if self.groups or self._adapter_residencies():
             status = self._status = StatusFile(config.source)
             self._listener = lambda force: status.write(self.cache_status, force)
+        if self.groups and self._listener is not None:
             self._residency().listeners.append(self._listener)
+        for residency in self._adapter_residencies():
+            # Adapters are the cache's fourth tier: their moves count and show like weights'.
+            # One listener per residency, whichever pool (a reload's) took the engine over.
+            residency.listeners[:] = [self._adapter_moved]
         # Engines in this process (plain vLLM engines, slot groups, sleepers); a remote server
         # is someone else's to restart.
         self.supervisor = Supervisor(o for o in self.owners() if isinstance(o, Supervised))
+
+    def _adapter_residencies(self) -> list[Any]:
+        """The adapter residencies of this pool's LoRA engines (coe.engines.lora)."""
+        found = (getattr(e, "adapters", None) for e in self._by_key.values())
+        return [r for r in found if r is not None and hasattr(r, "listeners")]
+
+    def _adapter_moved(self, adapter: str, source: str, target: str) -> None:
+        metrics.SWAPS.labels("adapter", source, target).inc()
+        for tier in ("engine", "host", "disk"):
+            metrics.RESIDENCY.labels(adapter, tier).set(1 if tier == target else 0)
+        if self._listener is not None:
+            self._listener(False)
 
     def successor(self, config: PoolConfig) -> EnginePool:
         """A pool for a changed experts.yaml that keeps this pool's engines where they fit
@@ -194,6 +212,8 @@ class EnginePool:
         rows: list[dict[str, object]] = []
         for group in self.groups.values():
             rows.extend(group.status())
+        for residency in self._adapter_residencies():
+            rows.extend(residency.status())
         return rows
 
     async def shutdown(self) -> None:

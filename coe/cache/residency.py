@@ -186,7 +186,7 @@ class ResidencyManager:
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def record_move(self, name: str, source: Tier, target: Tier, seconds: float) -> None:
-        metrics.SWAPS.labels(source.value, target.value).inc()
+        metrics.SWAPS.labels("checkpoint", source.value, target.value).inc()
         metrics.SWAP_SECONDS.labels(source.value, target.value).observe(seconds)
         self.publish()
 

@@ -43,6 +43,8 @@ def _expert_rows(cfg: PoolConfig, live: dict[str, Any] | None) -> list[dict[str,
     if live is not None:
         for row in live["experts"]:
             for name in row.get("experts", [row["expert"]]):
+                if row.get("kind") == "adapter":  # the fourth tier: engine, host, disk
+                    placement.setdefault(name, {})
                 if name in placement:
                     placement[name].update(
                         tier=row["tier"],
@@ -60,7 +62,7 @@ def _expert_rows(cfg: PoolConfig, live: dict[str, Any] | None) -> list[dict[str,
                 "format": e.prompt_format,
                 "params": e.params,
                 "bytes": where.get("bytes", e.bytes),
-                "tier": where.get("tier", "remote" if e.engine == "remote" else "hbm"),
+                "tier": where.get("tier", _starting_tier(e)),
                 "hits": where.get("hits"),
                 "slot_group": where.get("group"),
                 "categories": [c.name for c in cfg.categories if c.expert == e.name],
@@ -68,6 +70,14 @@ def _expert_rows(cfg: PoolConfig, live: dict[str, Any] | None) -> list[dict[str,
             }
         )
     return rows
+
+
+def _starting_tier(expert: Any) -> str:
+    """Where an expert's weights are before any request: a LoRA adapter on disk (its engine
+    loads it on first use), a remote expert elsewhere, any other in its engine."""
+    if getattr(expert, "adapter", None) is not None:
+        return "disk"
+    return "remote" if expert.engine == "remote" else "hbm"
 
 
 def _lora_row(cfg: PoolConfig, expert: Any) -> dict[str, Any] | None:

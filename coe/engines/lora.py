@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -180,6 +181,114 @@ def _base_shapes(base_dir: Path) -> dict[str, list[int]] | None:
     return shapes
 
 
+AdapterTier = Literal["engine", "host", "disk"]
+MoveListener = Callable[[str, str, str], None]
+
+
+class AdapterResidency:
+    """Where a LoRA engine's adapters are: the weight cache's fourth tier.
+
+    vLLM keeps two LRU caches of adapters per engine: ``max_loras`` slots the batch computes
+    with (engine memory: HBM on a GPU) and ``max_cpu_loras`` loaded adapters in host RAM; any
+    other adapter is read from disk when a request needs it. This mirrors them from what coe
+    sends (every request names its adapter, a prefetch loads one), so moves are counted
+    (listeners get ``(adapter, from_tier, to_tier)``) and `coe experts` shows each adapter's
+    tier. vLLM's caches are filled in the order the scheduler steps through requests, which
+    can differ from arrival order under load: tiers are then right within a batch or two.
+    """
+
+    def __init__(self, slots: int, host: int):
+        self.slots = slots
+        self.host = max(host, slots)
+        self._host: OrderedDict[str, None] = OrderedDict()  # loaded, least recently used first
+        self._engine: OrderedDict[str, None] = OrderedDict()  # in a slot, LRU first
+        self.adapters: dict[str, Path] = {}
+        self.hits: dict[str, int] = {}
+        self.listeners: list[MoveListener] = []
+        # Adapters coe adds for itself (the null adapter): they take slots, but are not listed.
+        self.hidden: set[str] = set()
+
+    def register(self, name: str, path: str | Path, *, hidden: bool = False) -> None:
+        self.adapters.setdefault(name, Path(path))
+        self.hits.setdefault(name, 0)
+        if hidden:
+            self.hidden.add(name)
+
+    def reset(self) -> None:
+        """The engine (re)started empty: every adapter is on disk."""
+        for name in [*self._engine]:
+            self._moved(name, "engine", "host")
+        for name in [*self._host]:
+            self._moved(name, "host", "disk")
+        self._engine.clear()
+        self._host.clear()
+
+    def tier(self, name: str) -> AdapterTier:
+        if name in self._engine:
+            return "engine"
+        return "host" if name in self._host else "disk"
+
+    def loaded(self, name: str) -> None:
+        """The adapter is in host memory (a prefetch, or a request about to use it)."""
+        if name in self._host:
+            self._host.move_to_end(name)
+            return
+        self._host[name] = None
+        self._moved(name, "disk", "host")
+        while len(self._host) > self.host:
+            evicted = next(iter(self._host))
+            del self._host[evicted]
+            if self._engine.pop(evicted, 0) is None:
+                self._moved(evicted, "engine", "host")
+            self._moved(evicted, "host", "disk")
+
+    def used(self, name: str) -> None:
+        """A request runs with the adapter: it is loaded and takes a slot."""
+        self.hits[name] = self.hits.get(name, 0) + 1
+        self.loaded(name)
+        if name in self._engine:
+            self._engine.move_to_end(name)
+            return
+        self._engine[name] = None
+        self._moved(name, "host", "engine")
+        while len(self._engine) > self.slots:
+            evicted = next(iter(self._engine))
+            del self._engine[evicted]
+            self._moved(evicted, "engine", "host")
+
+    def _moved(self, name: str, source: str, target: str) -> None:
+        for listener in self.listeners:
+            listener(name, source, target)
+
+    def status(self) -> list[dict[str, object]]:
+        """One row per adapter, in the shape of the weight cache's rows (coe experts)."""
+        rows: list[dict[str, object]] = []
+        for name, path in self.adapters.items():
+            if name in self.hidden:
+                continue
+            size = _size(path / ADAPTER_WEIGHTS)
+            tier = self.tier(name)
+            rows.append(
+                {
+                    "expert": name,
+                    "experts": [name],
+                    "kind": "adapter",
+                    "tier": tier,
+                    "hits": self.hits.get(name, 0),
+                    "host_bytes": size if tier != "disk" else 0,
+                    "disk_bytes": size,
+                }
+            )
+        return rows
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 class AdapterExpertEngine:
     """An adapter expert's view of its base's engine: the same engine, each request carrying
     the adapter. Starting, health and shutdown are the shared engine's (the pool owns it)."""
@@ -188,6 +297,9 @@ class AdapterExpertEngine:
         self.engine = engine
         self.adapter = adapter
         self.name = adapter.name
+        residency = getattr(engine, "adapters", None)
+        if residency is not None:
+            residency.register(adapter.name, adapter.path)
 
     @property
     def ready(self) -> bool:
@@ -203,6 +315,13 @@ class AdapterExpertEngine:
         self, prompt: Prompt, sampling: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[Chunk]:
         return self.engine.stream(prompt, sampling, request_id, adapter=self.adapter)
+
+    def prefetch(self) -> None:
+        """A routing decision named this expert: load its adapter into host memory now, so
+        the request finds it there rather than reading it from disk."""
+        prefetch = getattr(self.engine, "prefetch_adapter", None)
+        if prefetch is not None:
+            prefetch(self.adapter)
 
     async def shutdown(self) -> None:
         """Nothing: the base's engine is shut down by the pool that owns it."""

@@ -36,6 +36,7 @@ from coe.engines.lora import (
     AdapterError,
     AdapterExpertEngine,
     AdapterRef,
+    AdapterResidency,
     LoraOptions,
     adapter_id,
     fit_problems,
@@ -216,6 +217,14 @@ class VllmLocalEngine:
         self._stop_ids: list[int] = []
         # On a LoRA engine, what the base's own requests carry (see coe.engines.lora).
         self._null_adapter: AdapterRef | None = None
+        # On a LoRA engine, where its adapters are (engine slots, host, disk).
+        lora = spec.options.lora
+        self.adapters = (
+            AdapterResidency(lora.max_loras, lora.max_cpu_loras or lora.max_loras)
+            if lora is not None
+            else None
+        )
+        self._prefetches: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self.start_seconds: float | None = None
         self.starts = 0
@@ -303,8 +312,13 @@ class VllmLocalEngine:
         self._start_error = None
         self._wanted = True
         self._stop_ids = _stop_token_ids(self.spec.model)
-        if self.spec.options.lora is not None:
+        if self.adapters is not None:
+            # A new engine process holds no adapter: everything starts on disk again.
+            self.adapters.reset()
             self._null_adapter = await asyncio.to_thread(_null_adapter_for, self.spec.model)
+            if self._null_adapter is not None:
+                null = self._null_adapter
+                self.adapters.register(null.name, null.path, hidden=True)
         self.start_seconds = time.perf_counter() - t0
         self.starts += 1
         log.info("engine %s started in %.1f s", self.name, self.start_seconds)
@@ -428,6 +442,9 @@ class VllmLocalEngine:
         try:
             adapter = adapter or self._null_adapter
             lora = {"lora_request": adapter.request()} if adapter is not None else {}
+            if adapter is not None and self.adapters is not None:
+                self.adapters.register(adapter.name, adapter.path)
+                self.adapters.used(adapter.name)
             outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid, **lora)
             # aclosing: a caller that stops reading aborts the request in the engine at once,
             # not whenever the generator happens to be garbage-collected.
@@ -517,6 +534,28 @@ class VllmLocalEngine:
 
     async def wake_up(self) -> None:
         await self._llm.wake_up()
+
+    def prefetch_adapter(self, adapter: AdapterRef) -> None:
+        """Load ``adapter`` into host memory in the background (vLLM's add_lora), unless it
+        is there already or the engine is not running."""
+        if self.adapters is None or not self.ready:
+            return
+        self.adapters.register(adapter.name, adapter.path)
+        if self.adapters.tier(adapter.name) != "disk":
+            return
+
+        async def load() -> None:
+            try:
+                await self._llm.add_lora(adapter.request())
+            except Exception as exc:  # the request itself will load it, or say why not
+                log.warning("prefetching adapter %s failed: %s", adapter.name, exc)
+                return
+            if self.adapters is not None:
+                self.adapters.loaded(adapter.name)
+
+        task = asyncio.get_running_loop().create_task(load())
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
 
     async def _close_llm(self) -> None:
         llm, self._llm = self._llm, None

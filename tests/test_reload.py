@@ -247,3 +247,15 @@ def test_adapters_cannot_be_unloaded_when_defined_in_the_file(gateway: Running) 
         "POST", "/admin/adapters", json={"name": "beta", "base": "alpha", "adapter": "x"}
     )
     assert reply.status_code == 400 and "exists already" in reply.json()["error"]["message"]
+
+
+def test_keys_new_admin_makes_an_admin_entry() -> None:
+    from click.testing import CliRunner
+
+    from coe.cli import main
+    from coe.config import ApiKey
+
+    result = CliRunner().invoke(main, ["keys", "new", "--name", "ops", "--admin"])
+    assert result.exit_code == 0, result.output
+    entry = yaml.safe_load(result.stdout.strip().removeprefix("- ").strip())
+    assert ApiKey(**entry).admin is True

@@ -150,11 +150,15 @@ def keys() -> None:
 
 @keys.command("new")
 @click.option("--name", required=True, help="Whose key it is (rate limits and logs use it).")
-def keys_new(name: str) -> None:
+@click.option(
+    "--admin", is_flag=True, help="The key may change the pool (/admin: reload, adapters)."
+)
+def keys_new(name: str, admin: bool) -> None:
     """Make a key: prints the key once, and the entry for experts.yaml (its hash only)."""
     from coe.gateway.auth import hash_key, new_key
 
     key = new_key()
     click.echo(f"key (give it to the client; it is not stored anywhere): {key}", err=True)
     click.echo("add under gateway.api_keys in experts.yaml:", err=True)
-    click.echo(f"  - {{name: {name}, sha256: {hash_key(key)}}}")
+    extra = ", admin: true" if admin else ""
+    click.echo(f"  - {{name: {name}, sha256: {hash_key(key)}{extra}}}")

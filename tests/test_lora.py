@@ -199,6 +199,8 @@ def test_coe_experts_shows_adapter_experts(tmp_path: Path, adapters: list[Path])
     rows = {r["name"]: r for r in json.loads(result.stdout)["experts"]}
     assert rows["gemma"]["lora"] is None
     assert rows["tuned1"]["lora"] == {"base": "gemma", "adapter": str(adapters[1]), "rank": 8}
+    # No pool running: adapters start on disk (loaded on first use), the base in its engine.
+    assert rows["tuned1"]["tier"] == "disk" and rows["gemma"]["tier"] == "hbm"
     table = coe("--config", str(write(tmp_path, lora_pool(adapters))), "experts")
     assert "LoRA" in table.stdout and "r8" in table.stdout  # rich wraps the cell
 

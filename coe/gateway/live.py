@@ -245,7 +245,8 @@ class LivePool:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         first = {id(o) for o in self._first.owners()}
         for pool in self._pools:
-            await pool.supervisor.stop()
+            if pool is not self._first:  # the first is its builder's, supervisor and all
+                await pool.supervisor.stop()
         started = {id(o): o for pool in self._pools for o in pool.owners() if id(o) not in first}
         await asyncio.gather(*(o.shutdown() for o in started.values()), return_exceptions=True)
         self._pools = [self._first]

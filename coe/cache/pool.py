@@ -20,7 +20,7 @@ from typing import Any
 
 from coe.cache import metrics
 from coe.cache.group import SlotExpertEngine, SlotGroup
-from coe.cache.plan import build_groups, build_sleepers, plan_groups
+from coe.cache.plan import GroupPlan, build_groups, build_sleepers, plan_groups
 from coe.cache.slot import SlotEngineFactory, vllm_slot_engine
 from coe.cache.status import StatusFile
 from coe.cache.supervisor import Supervised, Supervisor
@@ -40,6 +40,20 @@ def default_engine_factory(config: PoolConfig, expert: Expert, name: str) -> Eng
 
 
 EngineFactory = Callable[[PoolConfig, Expert, str], Engine]
+
+
+def _cache_signature(config: PoolConfig, plans: list[GroupPlan]) -> tuple[object, ...]:
+    """What the weight cache's engines and bookkeeping are built from: a reload keeps the
+    running cache when this is unchanged (an expert's prompt or sampling is not part of it)."""
+    return (
+        config.cache,
+        tuple(
+            (p.key, tuple(p.units), tuple(sorted(p.unit_bytes.items())), p.slots, p.slot_bytes,
+             tuple(p.experts), p.sleeps, p.template.dtype, p.template.max_model_len,
+             p.template.vllm, tuple(config.deadlines_for(e).queue_s for e in p.experts))
+            for p in plans
+        ),
+    )  # fmt: skip
 
 
 class CacheFactoryError(ConfigurationError):
@@ -74,8 +88,8 @@ class EnginePool:
                 "(cache.hbm_bytes in experts.yaml), whose engines come from slot_factory: pass "
                 "one beside factory"
             )
-        self._plans = plans
-        if reuse is not None and reuse._plans == plans:
+        self._plans = _cache_signature(config, plans)
+        if reuse is not None and reuse._plans == self._plans:
             group_of, sleeper_of = reuse._group_of, reuse._sleeper_of
         else:
             group_of = build_groups(config, plans, slot_factory)

@@ -21,6 +21,15 @@ def embedders_dir() -> Path:
     return coe_home() / "embedders"
 
 
+def logs_dir() -> Path:
+    return coe_home() / "logs"
+
+
+def request_log_default() -> Path:
+    """The request log every pool writes unless its experts.yaml names another (log.path)."""
+    return logs_dir() / "requests.sqlite"
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path) -> Iterator[None]:
     """Serialise one build across processes (a test run and `make chat` at once)."""

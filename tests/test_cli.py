@@ -39,6 +39,19 @@ def test_ask_json(test_pool_file: Path, home: Path) -> None:
     assert out["latency_s"] > 0
     # --show-prompt: the exact text the expert read, in its format, on stderr.
     assert "--- prompt for qa ---\n<bos>Question: Name the largest planet" in run.stderr
+    # The request log (under COE_HOME) holds the answer, once (--show-prompt generates nothing).
+    logs = subprocess.run(
+        [COE, "--config", str(test_pool_file), "logs", "--json"],
+        capture_output=True, text=True, timeout=120, env=cli_env(COE_HOME=str(home)),
+    )  # fmt: skip
+    assert logs.returncode == 0, logs.stderr
+    (row,) = json.loads(logs.stdout)
+    assert (row["front_end"], row["model"], row["expert"], row["category"]) == (
+        "cli", "auto", "qa", "general"
+    )  # fmt: skip
+    assert row["prompt"] == "Name the largest planet in the solar system."
+    assert row["completion_tokens"] == out["usage"]["completion_tokens"]
+    assert row["error"] is None and 0 < row["ttft_s"] <= row["latency_s"]
 
 
 def test_ask_unknown_expert_is_a_usage_error(test_pool_file: Path) -> None:

@@ -329,6 +329,8 @@ def test_coe_logs_lists_and_filters(sample_log: Path) -> None:
     assert "general (fb)" in line and "error: EngineError: down" in line
     code, out = logs_cli(*db, "--since", "yesterday-ish")
     assert code == 2 and "--since 'yesterday-ish'" in out
+    code, out = logs_cli(*db, "stats")  # the list's options are not the subcommand's
+    assert code == 2 and "give the options after `stats`" in out
 
 
 def test_since_reads_durations_and_iso_times() -> None:

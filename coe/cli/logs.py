@@ -108,6 +108,12 @@ def logs(
     experts.yaml's `log:` section turns it off or keeps prompts hashed only.
     """
     if ctx.invoked_subcommand is not None:
+        given = [expert, category, front_end, since, db, as_json or None]
+        if any(v is not None for v in given) or limit != 20:
+            raise click.UsageError(
+                f"give the options after `{ctx.invoked_subcommand}`: "
+                f"coe logs {ctx.invoked_subcommand} [OPTIONS]"
+            )
         return
     from coe.requestlog.query import read_records
 
@@ -215,7 +221,8 @@ def _print_stats(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Off a terminal (a pipe, a file) no screen limits the width: keep the columns whole.
+    console = Console(width=None if sys.stdout.isatty() else 120)
     span = ""
     if s["first"] is not None:
         first = datetime.fromtimestamp(s["first"]).strftime("%Y-%m-%d %H:%M")
@@ -233,15 +240,20 @@ def _print_stats(s: dict[str, Any]) -> None:
     for c in s["categories"]:
         mix.add_row(c["name"], str(c["count"]), f"{100 * c['share']:.1f}%")
     console.print(mix)
-    experts = Table(title="per expert (latency and time to first token, seconds)")
-    for col in ("expert", "requests", "share", "errors", "latency p50", "p90", "p99",
-                "ttft p50", "p90", "p99"):  # fmt: skip
-        experts.add_column(col)
+    experts = Table(title="per expert: seconds, p50 / p90 / p99 of answered requests")
+    for col in ("expert", "requests", "share", "errors", "latency", "time to first token"):
+        experts.add_column(col, no_wrap=True)
     for e in s["experts"]:
-        lat, ttft = e["latency_s"], e["ttft_s"]
         experts.add_row(
-            e["expert"], str(e["count"]), f"{100 * e['share']:.1f}%", str(e["errors"]),
-            *(_seconds(lat[q]) for q in ("p50", "p90", "p99")),
-            *(_seconds(ttft[q]) for q in ("p50", "p90", "p99")),
-        )  # fmt: skip
+            e["expert"],
+            str(e["count"]),
+            f"{100 * e['share']:.1f}%",
+            str(e["errors"]),
+            _spread(e["latency_s"]),
+            _spread(e["ttft_s"]),
+        )
     console.print(experts)
+
+
+def _spread(quantiles: dict[str, float | None]) -> str:
+    return " / ".join(_seconds(quantiles[q]) or "-" for q in ("p50", "p90", "p99"))

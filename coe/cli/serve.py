@@ -115,6 +115,8 @@ def serve(
             f"coe serve: {server.url}/v1 ({len(cfg.experts)} experts, {store}); Ctrl-C stops",
             err=True,
         )
+        if pool.orchestrator.requests.enabled:
+            click.echo(f"request log: {cfg.request_log_path} (coe logs)", err=True)
         server.wait()
 
 

@@ -429,6 +429,12 @@ def test_gateway_requests_show_up_in_coe_logs(tmp_path: Path) -> None:
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == "writer: a poem about rain"
+        # `coe ask` through a running pool says so: its requests are the CLI's.
+        client.chat.completions.create(
+            model="writer",
+            messages=[{"role": "user", "content": "from the cli"}],
+            extra_headers={"x-coe-front-end": "cli"},
+        )
         anthropic = httpx.post(
             gw.server.url + "/v1/messages",
             json={"model": "coder", "max_tokens": 10, "messages": ask},
@@ -452,13 +458,13 @@ def test_gateway_requests_show_up_in_coe_logs(tmp_path: Path) -> None:
         ("auto", "coder", "coding", miss),
         ("auto", "coder", "coding", hit),
         ("auto", "writer", "writing", "bypass"),  # sampled (temperature 0.8): not cached
+        ("writer", "writer", None, "bypass"),
         ("coder", "coder", None, miss),
         ("auto:writing", "writer", "writing", miss),
         ("auto", "writer", "writing", None),  # failed before the cache was asked
     ]
-    assert {r["front_end"] for r in got} == {"gateway"} and {r["client"] for r in got} == {
-        "key:tester"
-    }
+    assert [r["front_end"] for r in got] == ["gateway"] * 3 + ["cli"] + ["gateway"] * 3
+    assert {r["client"] for r in got} == {"key:tester"}
     generated = got[0]
     assert generated["request_id"] == first.id and generated["confidence"] == 0.9
     assert generated["routed_by"] == "router" and generated["fallback"] is False
@@ -466,15 +472,15 @@ def test_gateway_requests_show_up_in_coe_logs(tmp_path: Path) -> None:
     assert 0 < generated["ttft_s"] <= generated["latency_s"]
     assert got[1]["ttft_s"] is None and got[1]["completion_tokens"] == 4  # the cached answer's
     assert got[2]["answer_chars"] == len(streamed) and got[2]["finish_reason"] == "stop"
-    assert got[3]["request_id"].startswith("msg_") and got[3]["routed_by"] == "caller"
-    assert got[4]["completion_tokens"] == 8 and got[4]["answer_chars"] == 2 * len(
+    assert got[4]["request_id"].startswith("msg_") and got[4]["routed_by"] == "caller"
+    assert got[5]["completion_tokens"] == 8 and got[5]["answer_chars"] == 2 * len(
         "writer: write code please"
     )  # two choices, one record
-    assert got[5]["error"] == "EngineError: engine coder is down"
-    assert all(r["error"] is None for r in got[:5])
+    assert got[6]["error"] == "EngineError: engine coder is down"
+    assert all(r["error"] is None for r in got[:6])
     assert [r["prompt"] for r in logged(path, "--expert", "coder")] == ["write code please"] * 3
     stats = json.loads(logs_cli("stats", "--db", str(path), "--json")[1])
-    assert (stats["requests"], stats["errors"], stats["cache"]["hit"]) == (6, 1, 1)
+    assert (stats["requests"], stats["errors"], stats["cache"]["hit"]) == (7, 1, 1)
 
 
 def test_the_log_survives_a_gateway_restart(tmp_path: Path) -> None:

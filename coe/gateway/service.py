@@ -187,7 +187,8 @@ class ChatService:
 
     def _trace(self, call: Call) -> RequestTrace:
         """The request's record in the request log, timed from when the gateway took it."""
-        origin = Origin("gateway", call.client.subject, call.request.model, call.id)
+        front_end = "cli" if call.front_end == "cli" else "gateway"  # coe ask via a pool
+        origin = Origin(front_end, call.client.subject, call.request.model, call.id)
         return self.orch.trace(call.messages, origin, started=call.started)
 
     async def complete(self, call: Call) -> tuple[ChatCompletion, dict[str, str]]:

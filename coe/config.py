@@ -275,8 +275,9 @@ class RequestLogSettings(_Strict):
     # What of each prompt (the last user turn) is kept: its text (keep), only its SHA-256 (hash),
     # or nothing (none). The hash lets repeats be told apart without storing what was asked.
     prompts: Literal["keep", "hash", "none"] = "keep"
-    # The SQLite file; relative to experts.yaml. Unset: $COE_HOME/logs/requests.sqlite, one log
-    # for every pool of this user (each row names its experts.yaml).
+    # The SQLite file; relative to experts.yaml. Unset: $COE_LOG_DB, else
+    # $COE_HOME/logs/requests.sqlite: one log for every pool of this user (each row names its
+    # experts.yaml).
     path: str | None = None
 
 

@@ -204,8 +204,13 @@ def test_the_default_log_lives_under_coe_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("COE_LOG_DB")  # conftest's, for the run
     config = gateway_pool()
     assert config.request_log_path == tmp_path / "home" / "logs" / "requests.sqlite"
+    monkeypatch.setenv("COE_LOG_DB", str(tmp_path / "elsewhere.sqlite"))
+    assert config.request_log_path == tmp_path / "elsewhere.sqlite"
+    named = config.model_copy(update={"log": RequestLogSettings(path="/srv/log.sqlite")})
+    assert named.request_log_path == Path("/srv/log.sqlite")  # the file's own beats the env
 
 
 # -- the orchestrator's records (the CLI's and the eval's front ends) ---------------------------

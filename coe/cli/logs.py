@@ -14,8 +14,6 @@ import click
 
 from coe.cli.runtime import CliContext, pass_cli
 
-DB_ENV = "COE_LOG_DB"
-
 
 def _filter_options(command: Any) -> Any:
     for option in reversed(
@@ -35,9 +33,8 @@ def _filter_options(command: Any) -> Any:
             click.option(
                 "--db",
                 type=click.Path(path_type=Path, dir_okay=False),
-                envvar=DB_ENV,
-                help="The log file to read (env COE_LOG_DB; default: experts.yaml's log.path, "
-                "else $COE_HOME/logs/requests.sqlite).",
+                help="The log file to read (default: the one the pool writes: experts.yaml's "
+                "log.path, else $COE_LOG_DB, else $COE_HOME/logs/requests.sqlite).",
             ),
             click.option("--json", "as_json", is_flag=True, help="Print JSON."),
         ]

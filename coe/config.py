@@ -20,7 +20,7 @@ from coe.engines.registry import DEFAULT_ENGINE_KIND, ENGINE_KINDS
 from coe.engines.remote import RemoteOptions as RemoteOptions
 from coe.engines.vllm_local import VllmOptions as VllmOptions
 from coe.errors import ConfigurationError
-from coe.paths import models_dir
+from coe.paths import models_dir, request_log_default
 
 DEFAULT_CONFIG_ENV = "COE_CONFIG"
 # The default pool that ships with the project (the checkout coe is installed from, editable).
@@ -270,6 +270,19 @@ class GatewaySettings(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
 
 
+class RequestLogSettings(_Strict):
+    """The request log: one row per request through the orchestrator (`coe logs` reads it)."""
+
+    enabled: bool = True
+    # What of each prompt (the last user turn) is kept: its text (keep), only its SHA-256 (hash),
+    # or nothing (none). The hash lets repeats be told apart without storing what was asked.
+    prompts: Literal["keep", "hash", "none"] = "keep"
+    # The SQLite file; relative to experts.yaml. Unset: $COE_LOG_DB, else
+    # $COE_HOME/logs/requests.sqlite: one log for every pool of this user (each row names its
+    # experts.yaml).
+    path: str | None = None
+
+
 class ActorOptions(_Strict):
     """What one Ray Serve replica needs of a node (Ray's `ray_actor_options`): CPUs, GPUs, memory
     and custom resources, by which replicas are placed on the nodes that offer them."""
@@ -337,6 +350,7 @@ class PoolConfig(_Strict):
     # The pool's deadlines; an expert's `deadlines:` overrides any of them.
     deadlines: Deadlines = Deadlines()
     cluster: ClusterSettings = ClusterSettings()
+    log: RequestLogSettings = RequestLogSettings()
 
     # Set by the loader, not by the file.
     source: Path | None = Field(None, exclude=True)
@@ -404,6 +418,13 @@ class PoolConfig(_Strict):
         if not path.is_absolute() and self.source is not None:
             path = self.source.parent / path
         return path
+
+    @property
+    def request_log_path(self) -> Path:
+        """The request log's SQLite file: ``log.path``, else the user's one under COE_HOME."""
+        if self.log.path is None:
+            return request_log_default()
+        return self.resolve_path(self.log.path)
 
     def resolve_model(self, expert: Expert) -> str:
         """Where the engine finds an expert's model: an existing path, or a hub id as written."""
@@ -582,6 +603,11 @@ def _cross_checks(cfg: PoolConfig) -> list[str]:
             f"(defined: {', '.join(experts)})"
         )
     problems.extend(_cluster_checks(cfg))
+    if cfg.log.path is not None and cfg.request_log_path.is_dir():
+        problems.append(
+            f"log.path: '{cfg.log.path}' is a folder; name the SQLite file in it "
+            f"(e.g. {Path(cfg.log.path) / 'requests.sqlite'})"
+        )
     if cfg.router.fallback not in cats:
         problems.append(
             f"router.fallback: '{cfg.router.fallback}' is not a defined category "
@@ -645,10 +671,12 @@ def parse_config(data: Any, source: Path | str) -> PoolConfig:
         cfg = PoolConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e, PoolConfig) for e in exc.errors()]) from None
+    # The source first: checks of paths read them relative to the file.
+    cfg = cfg.model_copy(update={"source": source.resolve()})
     problems = _cross_checks(cfg)
     if problems:
         raise ConfigError(source, problems)
-    return cfg.model_copy(update={"source": source.resolve()})
+    return cfg
 
 
 def load_config(path: Path | str | None = None) -> PoolConfig:

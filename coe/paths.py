@@ -21,6 +21,20 @@ def embedders_dir() -> Path:
     return coe_home() / "embedders"
 
 
+def logs_dir() -> Path:
+    return coe_home() / "logs"
+
+
+REQUEST_LOG_ENV = "COE_LOG_DB"
+
+
+def request_log_default() -> Path:
+    """The request log every pool writes unless its experts.yaml names another (log.path):
+    $COE_LOG_DB, else $COE_HOME/logs/requests.sqlite."""
+    given = os.environ.get(REQUEST_LOG_ENV)
+    return Path(given).expanduser() if given else logs_dir() / "requests.sqlite"
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path) -> Iterator[None]:
     """Serialise one build across processes (a test run and `make chat` at once)."""

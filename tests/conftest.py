@@ -54,6 +54,22 @@ def pool_dict(**expert_overrides: object) -> dict:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def request_log_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Requests the tests make (in process and in `coe` subprocesses, which inherit the
+    environment) are logged to a file of the run's, not the user's $COE_HOME/logs."""
+    path = tmp_path_factory.mktemp("requestlog") / "requests.sqlite"
+    before = os.environ.get("COE_LOG_DB")
+    os.environ["COE_LOG_DB"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("COE_LOG_DB", None)
+        else:
+            os.environ["COE_LOG_DB"] = before
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return prepare_model("gemma-3-270m")

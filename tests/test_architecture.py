@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engines", "models"),
     ("config",),
     ("cache",),
-    ("router", "store"),
+    ("router", "store", "requestlog"),
     ("prompts",),
     ("orchestrator",),
     ("gateway", "evals"),

@@ -25,10 +25,12 @@ def home(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def test_ask_json(test_pool_file: Path, home: Path) -> None:
+    env = cli_env(COE_HOME=str(home))
+    env.pop("COE_LOG_DB")  # the log in its default place: under COE_HOME
     run = subprocess.run(
         [COE, "--config", str(test_pool_file), "ask", "--json", "--temperature", "0",
          "--show-prompt", "Name the largest planet in the solar system."],
-        capture_output=True, text=True, timeout=600, env=cli_env(COE_HOME=str(home)),
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)  # stdout holds the JSON object and nothing else
@@ -39,6 +41,20 @@ def test_ask_json(test_pool_file: Path, home: Path) -> None:
     assert out["latency_s"] > 0
     # --show-prompt: the exact text the expert read, in its format, on stderr.
     assert "--- prompt for qa ---\n<bos>Question: Name the largest planet" in run.stderr
+    # The request log holds the answer, once (--show-prompt generates nothing).
+    logs = subprocess.run(
+        [COE, "--config", str(test_pool_file), "logs", "--json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert logs.returncode == 0, logs.stderr
+    (row,) = json.loads(logs.stdout)
+    assert (row["front_end"], row["model"], row["expert"], row["category"]) == (
+        "cli", "auto", "qa", "general"
+    )  # fmt: skip
+    assert row["prompt"] == "Name the largest planet in the solar system."
+    assert row["completion_tokens"] == out["usage"]["completion_tokens"]
+    assert row["error"] is None and 0 < row["ttft_s"] <= row["latency_s"]
+    assert (home / "logs" / "requests.sqlite").is_file()
 
 
 def test_ask_unknown_expert_is_a_usage_error(test_pool_file: Path) -> None:

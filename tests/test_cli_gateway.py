@@ -230,6 +230,12 @@ def test_bench_gateway_json_reports_overhead_beside_the_engine(
     assert out["cache_hit_p50_ms"] < out["direct_p50_ms"], out
     assert out["cache_hit_p50_ms"] < out["gateway_p50_ms"], out
     assert out["gateway_requests_s"] > 0 and out["direct_requests_s"] > 0
+    # The request log on (the default) and off, interleaved: both overheads, what logging
+    # adds, and every record of the logged requests written (warm-up and timed ones at least).
+    assert out["unlogged_overhead_p99_ms"] >= out["unlogged_overhead_p50_ms"]
+    added = out["overhead_p50_ms"] - out["unlogged_overhead_p50_ms"]
+    assert out["log_overhead_p50_ms"] == pytest.approx(added, abs=0.002)
+    assert out["log_written"] >= 5 + 20 and out["log_dropped"] == 0, out
 
 
 # -- coe serve on a real Redis ----------------------------------------------------------------

@@ -5,14 +5,21 @@ gateway over loopback HTTP, interleaved so that both see the same machine state.
 the same (main) thread: the direct call hops to the engine's event loop, the gateway call goes
 through a keep-alive HTTP connection. The response cache is skipped for these requests
 (x-coe-cache-control: no-cache); its hits are timed separately.
+
+The gateway is timed with the request log on and off, interleaved too: what logging adds is
+the difference of the two overheads' medians. The log written is a temporary file (the prompt
+policy of experts.yaml), not the user's: a benchmark's hundreds of requests stay out of
+`coe logs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +27,7 @@ import httpx
 from coe.bench.report import percentile_ms, print_table
 from coe.gateway.server import GatewayServer
 from coe.orchestrator import Orchestrator
+from coe.requestlog import LogWriter, RequestLog
 from coe.runtime import BackgroundLoop
 from coe.types import Message, collect
 
@@ -27,6 +35,7 @@ PROMPT = "Name the largest planet in the solar system."
 CONCURRENCY = 16
 TARGET_OVERHEAD_P50_MS = 3.0
 TARGET_CACHE_HIT_P50_MS = 2.0
+TARGET_LOG_OVERHEAD_P50_MS = 0.2
 
 
 @dataclass
@@ -41,6 +50,13 @@ class GatewayBench:
     gateway_p99_ms: float
     overhead_p50_ms: float
     overhead_p99_ms: float
+    # The same, with the request log off; and what logging adds (difference of the p50s).
+    unlogged_p50_ms: float
+    unlogged_overhead_p50_ms: float
+    unlogged_overhead_p99_ms: float
+    log_overhead_p50_ms: float
+    log_written: int  # records the log writer wrote during the run (all of them, or it says)
+    log_dropped: int
     auto_requests: int
     auto_p50_ms: float
     cache_hits: int  # repeats measured, each answered from the response cache (else an error)
@@ -51,6 +67,7 @@ class GatewayBench:
     concurrency: int
     target_overhead_p50_ms: float = TARGET_OVERHEAD_P50_MS
     target_cache_hit_p50_ms: float = TARGET_CACHE_HIT_P50_MS
+    target_log_overhead_p50_ms: float = TARGET_LOG_OVERHEAD_P50_MS
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,9 +81,14 @@ class GatewayBench:
                 ("straight to the engine", f"{self.direct_p50_ms}", f"{self.direct_p99_ms}",
                  "reference"),
                 ("through the gateway", f"{self.gateway_p50_ms}", f"{self.gateway_p99_ms}",
-                 f"model {self.expert}, non-streaming"),
+                 f"model {self.expert}, non-streaming, request log on"),
                 ("gateway overhead", f"{self.overhead_p50_ms}", f"{self.overhead_p99_ms}",
                  f"target p50 <= {self.target_overhead_p50_ms} ms"),
+                ("gateway overhead, request log off", f"{self.unlogged_overhead_p50_ms}",
+                 f"{self.unlogged_overhead_p99_ms}", "reference for the log"),
+                ("request log adds", f"{self.log_overhead_p50_ms}", "",
+                 f"target p50 <= {self.target_log_overhead_p50_ms} ms; {self.log_written} "
+                 f"records written, {self.log_dropped} dropped"),
                 ("through the gateway, model auto", f"{self.auto_p50_ms}", "", "adds routing"),
                 ("response-cache hit", f"{self.cache_hit_p50_ms}", f"{self.cache_hit_p99_ms}",
                  f"target p50 <= {self.target_cache_hit_p50_ms} ms"),
@@ -88,12 +110,20 @@ def run_gateway_bench(
     max_seconds: float,
 ) -> GatewayBench:
     """Through a gateway on ``orch`` (and its store: open it on Redis to measure with one)."""
+    configured = orch.requests
     server = GatewayServer(orch, runner, host="127.0.0.1", port=0)
     server.start()
-    try:
-        return _measure(orch, runner, server, expert, requests, tokens, max_seconds)
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="coe-bench-log-") as work:
+        writer = LogWriter(Path(work) / "requests.sqlite", prompts=orch.config.log.prompts)
+        logged = RequestLog(writer, front_end="gateway", pool="coe bench gateway")
+        try:
+            result = _measure(orch, runner, server, expert, requests, tokens, max_seconds, logged)
+        finally:
+            server.stop()
+            orch.requests = configured
+            logged.close()
+    result.log_written, result.log_dropped = writer.written, writer.dropped
+    return result
 
 
 def _measure(
@@ -104,8 +134,11 @@ def _measure(
     requests: int,
     tokens: int,
     max_seconds: float,
+    logged: RequestLog,
 ) -> GatewayBench:
     chosen = orch.config.expert(expert)
+    unlogged = RequestLog.off("gateway")
+    orch.requests = logged  # the default: every phase but the unlogged one logs
     prompt = orch.build_prompt(chosen, [Message("user", PROMPT)])
     params = orch.sampling_for(chosen, max_tokens=tokens, temperature=0.0)
     engine = orch.engines.engine_for(expert)
@@ -127,13 +160,26 @@ def _measure(
             r = http.post("/v1/chat/completions", json={**body, "model": model}, headers=headers)
             r.raise_for_status()
 
-        for _ in range(5):  # warm both paths (connections, first-request allocations)
+        def through_unlogged() -> None:
+            # Requests are sequential: switching the log between them is safe.
+            orch.requests = unlogged
+            try:
+                through()
+            finally:
+                orch.requests = logged
+
+        for _ in range(5):  # warm every path (connections, first-request allocations)
             direct()
             through()
-        direct_s, gateway_s = [], []
+            through_unlogged()
+        direct_s, gateway_s, unlogged_s = [], [], []
         t_end = time.monotonic() + budget
-        for _ in range(requests):
-            for fn, out in ((direct, direct_s), (through, gateway_s)):
+        for i in range(requests):
+            # The logged and unlogged calls take turns right after the direct one: the first
+            # request after an engine call pays for the engine winding down, and that must
+            # not count as the log's.
+            gateway = [(through, gateway_s), (through_unlogged, unlogged_s)]
+            for fn, out in [(direct, direct_s), *(gateway if i % 2 == 0 else gateway[::-1])]:
                 t0 = time.perf_counter()
                 fn()
                 out.append(time.perf_counter() - t0)
@@ -163,6 +209,9 @@ def _measure(
     # The HTTP clients run on a loop of their own (this thread), not on the server's loop.
     gateway_rps = asyncio.run(_gateway_rate(server.url, body, no_cache, requests, budget))
     overhead = [g - d for g, d in zip(gateway_s, direct_s, strict=True)]
+    unlogged_overhead = [u - d for u, d in zip(unlogged_s, direct_s, strict=True)]
+    overhead_p50 = 1000 * statistics.median(overhead)
+    unlogged_p50 = 1000 * statistics.median(unlogged_overhead)
     return GatewayBench(
         expert=expert,
         store=server.store.kind,
@@ -172,8 +221,14 @@ def _measure(
         direct_p99_ms=percentile_ms(direct_s, 0.99),
         gateway_p50_ms=percentile_ms(gateway_s, 0.5),
         gateway_p99_ms=percentile_ms(gateway_s, 0.99),
-        overhead_p50_ms=round(1000 * statistics.median(overhead), 3),
+        overhead_p50_ms=round(overhead_p50, 3),
         overhead_p99_ms=percentile_ms(overhead, 0.99),
+        unlogged_p50_ms=percentile_ms(unlogged_s, 0.5),
+        unlogged_overhead_p50_ms=round(unlogged_p50, 3),
+        unlogged_overhead_p99_ms=percentile_ms(unlogged_overhead, 0.99),
+        log_overhead_p50_ms=round(overhead_p50 - unlogged_p50, 3),
+        log_written=0,  # filled in once the writer has written everything
+        log_dropped=0,
         auto_requests=len(auto_s),
         auto_p50_ms=percentile_ms(auto_s, 0.5),
         cache_hits=len(hits),

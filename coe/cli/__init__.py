@@ -1,5 +1,5 @@
-"""The `coe` command line: ask, chat, serve, experts, models, route, router, prompts, eval, bench,
-deploy.
+"""The `coe` command line: ask, chat, serve, logs, experts, models, route, router, prompts, eval,
+bench, deploy.
 
 Every command reads the pool from --config, else $COE_CONFIG, else ./experts.yaml, else the
 project's default experts.yaml. Each command group lives in its own module of this package;
@@ -22,6 +22,7 @@ from coe.cli.chat import chat
 from coe.cli.deploy import deploy
 from coe.cli.eval import eval_
 from coe.cli.experts import experts
+from coe.cli.logs import logs
 from coe.cli.models import models
 from coe.cli.prompts import prompts
 from coe.cli.route import route
@@ -59,6 +60,7 @@ main.add_command(chat)
 main.add_command(serve)
 main.add_command(keys)
 main.add_command(experts)
+main.add_command(logs)
 main.add_command(models)
 main.add_command(route)
 main.add_command(router)

@@ -342,7 +342,7 @@ def _execute(
 
     experts = _experts_needed(cfg, plan, opts["judge"])
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(open_pool(cfg, experts)) if experts else None
+        pool = stack.enter_context(open_pool(cfg, experts, front_end="eval")) if experts else None
         orch = pool.orchestrator if pool is not None else None
         judge = _make_judge(opts, orch)
         if judge.cache is not None:

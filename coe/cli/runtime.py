@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from coe.orchestrator import Orchestrator
+    from coe.requestlog import FrontEnd
     from coe.router.router import TwoStageRouter
     from coe.runtime import BackgroundLoop
 
@@ -200,13 +201,18 @@ class OpenPool:
 
 @contextlib.contextmanager
 def open_pool(
-    config: PoolConfig, experts: list[str], store_url: str | None = None
+    config: PoolConfig,
+    experts: list[str],
+    store_url: str | None = None,
+    front_end: FrontEnd = "cli",
 ) -> Iterator[OpenPool]:
     """Prepare the models these experts need, load the router, start their engines; shut the
     engines and the loop down on leaving, whatever happened. ``store_url``: the gateway's
-    Redis, for sessions and generated identities (default: in-process)."""
+    Redis, for sessions and generated identities (default: in-process). Requests are recorded
+    in the request log (experts.yaml ``log:``) under ``front_end``."""
     from coe.models import ensure_models
     from coe.orchestrator import Orchestrator
+    from coe.requestlog import RequestLog
     from coe.runtime import BackgroundLoop
 
     with status("preparing models") as spinner:
@@ -221,7 +227,8 @@ def open_pool(
         from coe.gateway.server import open_store_on_loop
 
         store = runner.run(open_store_on_loop(store_url))
-    orchestrator = Orchestrator(config, router=router, store=store)
+    requests = RequestLog.open(config, front_end)
+    orchestrator = Orchestrator(config, router=router, store=store, requests=requests)
     try:
         with status("starting the expert engine (about a minute on a CPU)"):
             runner.run(orchestrator.start(experts))

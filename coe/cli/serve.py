@@ -98,7 +98,7 @@ def serve(
     if on_ray:
         _serve_on_ray(cfg, host, port, ray_address or cfg.cluster.address, redis_url)
         return
-    with open_pool(cfg, cfg.expert_names, store_url=store_url) as pool:
+    with open_pool(cfg, cfg.expert_names, store_url=store_url, front_end="gateway") as pool:
         server = GatewayServer(
             pool.orchestrator, pool.runner, host=host, port=port, keys=keys, log_level=log_level
         )
@@ -119,6 +119,8 @@ def serve(
             f"coe serve: {server.url}/v1 ({len(cfg.experts)} experts, {store}); Ctrl-C stops",
             err=True,
         )
+        if pool.orchestrator.requests.enabled:
+            click.echo(f"request log: {cfg.request_log_path} (coe logs)", err=True)
         server.wait()
 
 

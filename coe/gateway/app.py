@@ -25,7 +25,7 @@ from coe.gateway import anthropic, completions, errors, metrics
 from coe.gateway.anthropic_schema import AnthropicError, MessagesRequest
 from coe.gateway.anthropic_schema import Message as AnthropicMessage
 from coe.gateway.auth import Client
-from coe.gateway.call import CACHE_CONTROL_HEADER, SESSION_HEADER, Call
+from coe.gateway.call import CACHE_CONTROL_HEADER, FRONT_END_HEADER, SESSION_HEADER, Call
 from coe.gateway.completions_schema import Completion, CompletionRequest
 from coe.gateway.errors import (
     forbidden,
@@ -174,6 +174,7 @@ def create_app(live: LivePool) -> FastAPI:
             found,
             session=request.headers.get(SESSION_HEADER),
             cache_control=request.headers.get(CACHE_CONTROL_HEADER),
+            front_end=request.headers.get(FRONT_END_HEADER),
         )
         if body.stream:
             headers, events = await until_disconnect(request, live.service.stream(call))

@@ -12,6 +12,9 @@ from coe.types import Message, RouteDecision
 
 SESSION_HEADER = "x-coe-session"
 CACHE_CONTROL_HEADER = "x-coe-cache-control"
+# `coe ask` / `coe chat` talking to a running pool send "cli": the request log then tells
+# their requests from other clients'. Any other value is the gateway's own.
+FRONT_END_HEADER = "x-coe-front-end"
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Call:
     client: Client
     session: str | None = None
     cache_control: str | None = None
+    front_end: str | None = None  # the x-coe-front-end header
     started: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))

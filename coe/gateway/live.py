@@ -29,6 +29,7 @@ from coe.errors import BadRequestError, ConfigurationError, UnavailableError
 from coe.gateway.auth import KeyRing
 from coe.gateway.service import ChatService
 from coe.orchestrator import Orchestrator
+from coe.requestlog import RequestLog
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,16 @@ class LivePool:
         config = await asyncio.to_thread(self._read, old.service.config.source, adapters)
         router = await asyncio.to_thread(_load_router, config)
         engines = old.service.orch.engines.successor(config)
-        orchestrator = Orchestrator(config, engines, router, store=old.service.store)
+        requests = old.service.orch.requests
+        if config.log != old.service.config.log:  # a new `log:` section: a log of its own
+            requests = RequestLog.open(config, requests.front_end)
+        orchestrator = Orchestrator(config, engines, router, old.service.store, requests)
         try:
             await orchestrator.start()
         except Exception as exc:
             await _abandon(engines, old.service.orch.engines)
+            if requests is not old.service.orch.requests:
+                await asyncio.to_thread(requests.close)
             raise ReloadFailedError(
                 f"the new pool did not start ({exc}); the old pool keeps serving"
             ) from exc
@@ -226,6 +232,8 @@ class LivePool:
         longest = max(config.deadlines_for(e).total_s for e in config.expert_names)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(old.idle.wait(), longest)
+        if old.service.orch.requests is not successor.requests:
+            await asyncio.to_thread(old.service.orch.requests.close)
         try:
             dropped = await old.service.orch.engines.retire(successor.engines)
         except Exception:

@@ -35,7 +35,9 @@ from coe.orchestrator import (
     CATEGORY_PREFIX,
     How,
     Orchestrator,
+    Origin,
     Plan,
+    RequestTrace,
     UnknownModelError,
     model_names,
 )
@@ -60,7 +62,8 @@ class ChatService:
         self.config = config
         # Cached answers belong to this pool: a changed experts.yaml (prompts, sampling, map),
         # a router refitted in place or new prompt regions must not serve the old answers.
-        pool = hashlib.sha256(config.model_dump_json(exclude={"gateway", "store"}).encode())
+        shaping = config.model_dump_json(exclude={"gateway", "store", "log"})
+        pool = hashlib.sha256(shaping.encode())
         pool.update(orchestrator.fingerprint().encode())
         self.responses = ResponseCache(
             self.store, settings.response_cache, config, pool.hexdigest()[:16]
@@ -118,11 +121,14 @@ class ChatService:
         except UnknownModelError as exc:
             raise model_not_found(exc.model, exc.known) from None
 
-    async def _plan(self, call: Call) -> tuple[Plan, list[AsyncIterator[Chunk]]]:
+    async def _plan(
+        self, call: Call, trace: RequestTrace
+    ) -> tuple[Plan, list[AsyncIterator[Chunk]]]:
         """Decide and shape once; then one stream per choice, all from the same plan."""
         decision, how = await self._decide(
             call.request.model, call.messages, call.session, call.client.subject
         )
+        trace.decided(decision, how)
         metrics.ROUTED.labels(decision.category or "", decision.expert, how).inc()
         with served_by(decision.expert):
             plan = await self.orch.prepare(decision, call.messages, how=how)
@@ -136,7 +142,12 @@ class ChatService:
                 if params["seed"] is not None:
                     params["seed"] = int(params["seed"]) + i  # n seeded choices must differ
                 _, _, chunks = await self.orch.stream(
-                    call.messages, plan=plan, request_id=f"{call.id}-{i}", tools=tools, **params
+                    call.messages,
+                    plan=plan,
+                    request_id=f"{call.id}-{i}",
+                    tools=tools,
+                    trace=trace,
+                    **params,
                 )
                 streams.append(chunks)
         return plan, streams
@@ -174,13 +185,26 @@ class ChatService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _trace(self, call: Call) -> RequestTrace:
+        """The request's record in the request log, timed from when the gateway took it."""
+        front_end = "cli" if call.front_end == "cli" else "gateway"  # coe ask via a pool
+        origin = Origin(front_end, call.client.subject, call.request.model, call.id)
+        return self.orch.trace(call.messages, origin, started=call.started)
+
     async def complete(self, call: Call) -> tuple[ChatCompletion, dict[str, str]]:
+        with self._trace(call) as trace:  # written when this ends, however it ends
+            return await self._complete(call, trace)
+
+    async def _complete(
+        self, call: Call, trace: RequestTrace
+    ) -> tuple[ChatCompletion, dict[str, str]]:
         # The cache key covers the model as asked ("auto" too) and everything that shapes the
         # answer, so a hit skips routing as well as generation.
         cached = await self._cached(call)
         if cached is not None:
+            trace.answered(cached.decision, cached.usage, cached.texts, "hit")
             return self._completion(call, cached), decision_headers(cached.decision, "hit")
-        plan, streams = await self._plan(call)
+        plan, streams = await self._plan(call, trace)
         with served_by(plan.decision.expert):
             results = await _collect_all(streams)
         decision = plan.route.decision  # the expert that answered: a fallback, if one did
@@ -193,6 +217,7 @@ class ChatService:
             tool_calls=[r.tool_calls for r in results],
             logprobs=[r.logprobs for r in results],
         )
+        trace.record.cache = answer.cache
         self._account(call, decision.expert, answer.usage)
         await self._keep(call, answer)
         return self._completion(call, answer), decision_headers(decision, answer.cache)
@@ -227,19 +252,31 @@ class ChatService:
 
     async def stream(self, call: Call) -> tuple[dict[str, str], AsyncIterator[str]]:
         """Headers and the SSE body. Everything up to the first generated text happens before
-        this returns, so a request that cannot be served gets a proper error status."""
-        cached = await self._cached(call)
-        if cached is not None:
-            return decision_headers(cached.decision, "hit"), sse.replay(call, cached)
-        plan, streams = await self._plan(call)
-        with served_by(plan.decision.expert):
-            merged = sse.merge(streams)
-            first = await sse.first(merged)
+        this returns, so a request that cannot be served gets a proper error status.
+
+        The request's record is written when the events end (the trace is held until then)."""
+        trace = self._trace(call)
+        trace.hold()
+        try:
+            cached = await self._cached(call)
+            if cached is not None:
+                trace.answered(cached.decision, cached.usage, cached.texts, "hit")
+                events = _releasing(trace, sse.replay(call, cached))
+                return decision_headers(cached.decision, "hit"), events
+            plan, streams = await self._plan(call, trace)
+            with served_by(plan.decision.expert):
+                merged = sse.merge(streams)
+                first = await sse.first(merged)
+        except BaseException as exc:
+            trace.failed(exc)
+            trace.release()
+            raise
         # After the first chunk the expert answering is known (a fallback, if one took over);
         # no other is tried after it, since its text is about to reach the client.
         decision = plan.route.decision
-        cache = self._cache_status(call, plan)
-        return decision_headers(decision, cache), self._events(call, decision, cache, first, merged)
+        cache = trace.record.cache = self._cache_status(call, plan)
+        events = self._events(call, decision, cache, first, merged)
+        return decision_headers(decision, cache), _releasing(trace, events)
 
     async def _events(
         self,
@@ -311,6 +348,20 @@ class ChatService:
         if sse.include_usage(call):
             yield sse.usage_event(call, expert, answer.usage)
         yield sse.event(sse.DONE)
+
+
+async def _releasing(trace: RequestTrace, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events, letting go of the request's trace when they end (sent, failed or the client
+    gone): the record is written then."""
+    try:
+        async with contextlib.aclosing(events) as sent:  # type: ignore[type-var]
+            async for event in sent:
+                yield event
+    except BaseException as exc:
+        trace.failed(exc)
+        raise
+    finally:
+        trace.release()
 
 
 def _total_usage(usages: list[Usage]) -> Usage:

@@ -32,10 +32,12 @@ from coe.orchestrator.prompting import (
     to_messages,
     with_shaping,
 )
+from coe.orchestrator.recording import Origin, RequestTrace
 from coe.orchestrator.sessions import Sessions
 from coe.prompts.identity import IdentityWriter
 from coe.prompts.strategies import NONE as NO_SHAPING
 from coe.prompts.strategies import Shaping, Strategies
+from coe.requestlog import RequestLog
 from coe.router.base import Embedder, Router
 from coe.router.embed import RecentEmbeddings
 from coe.store import MemoryStore, Store
@@ -84,10 +86,14 @@ class Orchestrator:
         engines: EnginePool | None = None,
         router: Router | None = None,
         store: Store | None = None,
+        requests: RequestLog | None = None,
     ):
         """``store`` keeps generated expert identities and sticky sessions (the gateway passes
-        its Redis; by default they live in this process)."""
+        its Redis; by default they live in this process). ``requests``: the request log every
+        request is recorded in (off by default; the front ends open the configured one); the
+        orchestrator closes it."""
         self.config = config
+        self.requests = requests or RequestLog.off()
         self.engines = engines or EnginePool(config)
         self.router = router
         self.store = store or MemoryStore()
@@ -249,6 +255,14 @@ class Orchestrator:
     def sampling_for(self, expert: Expert, **overrides: Any) -> SamplingParams:
         return sampling_for(expert, **overrides)
 
+    # -- recording ---------------------------------------------------------------------------
+    def trace(
+        self, messages: Sequence[Message], origin: Origin, started: float | None = None
+    ) -> RequestTrace:
+        """A request's record in the request log, for a front end that holds it over several
+        calls (the gateway: the response cache, ``n`` choices); written when it ends."""
+        return RequestTrace(self.requests, origin, messages, started)
+
     # -- generation --------------------------------------------------------------------------
     async def stream(
         self,
@@ -260,6 +274,8 @@ class Orchestrator:
         decision: RouteDecision | None = None,
         plan: Plan | None = None,
         tools: ToolSpec | None = None,
+        origin: Origin | None = None,
+        trace: RequestTrace | None = None,
         **sampling: Any,
     ) -> tuple[RouteDecision, Prompt, Generation]:
         """Decide and shape now; return the decision, the final prompt and the token stream.
@@ -274,19 +290,35 @@ class Orchestrator:
 
         ``tools``: the functions the expert may call; an expert that cannot honour the tool
         choice is refused at once (ToolsUnsupportedError, a BadRequestError naming it).
+
+        The request is recorded in the request log when its stream ends (or when it fails
+        here): under ``origin`` (the front end's fields), or in the caller's ``trace`` (a
+        request the front end holds over several streams; it writes it).
         """
         msgs = to_messages(messages)
         if not any(m.role == "user" for m in msgs):
             raise ValueError("the conversation has no user message")
-        if plan is None:
-            how: How = "caller"
-            if decision is None:
-                decision, how = self._route(msgs, expert)
-            plan = await self.prepare(decision, msgs, system, how)
-        chosen = self.config.expert(plan.decision.expert)
-        check_tools(chosen, tools)
-        prompt = build_prompt(chosen, msgs, system, plan.shaping, tools)
-        chunks = self._generate(plan, msgs, system, sampling, request_id, tools)
+        own = trace is None
+        if trace is None:
+            asked = expert or (decision.expert if decision is not None else AUTO)
+            trace = self.trace(msgs, origin or Origin(model=asked))
+            if trace.record.model is None:
+                trace.record.model = asked
+        try:
+            if plan is None:
+                how: How = "caller"
+                if decision is None:
+                    decision, how = self._route(msgs, expert)
+                plan = await self.prepare(decision, msgs, system, how)
+            trace.decided(plan.decision, plan.how)
+            chosen = self.config.expert(plan.decision.expert)
+            check_tools(chosen, tools)
+            prompt = build_prompt(chosen, msgs, system, plan.shaping, tools)
+        except Exception as exc:
+            if own:  # no stream will hold it: this is the request's end
+                trace.fail_now(exc)
+            raise
+        chunks = self._generate(plan, msgs, system, sampling, request_id, tools, trace)
         return plan.decision, prompt, Generation(plan.route, chunks)
 
     async def _generate(
@@ -296,39 +328,54 @@ class Orchestrator:
         system: str | None,
         sampling: dict[str, Any],
         request_id: str | None,
-        tools: ToolSpec | None = None,
+        tools: ToolSpec | None,
+        trace: RequestTrace,
     ) -> AsyncGenerator[Chunk, None]:
         """The answer from the route's expert; if it fails before its first token, from the
         next one (a fallback gets the prompt and sampling of its own entry). Never once text
-        has reached the caller: a half-streamed answer cannot be redone."""
+        has reached the caller: a half-streamed answer cannot be redone.
+
+        Every request's generation passes here: its chunks, its end and its error go into the
+        request's ``trace`` (held while this runs, so the record is written at its end)."""
         route = plan.route
-        for attempt in itertools.count():
-            expert = route.expert
-            chosen = self.config.expert(expert)
-            check_tools(chosen, tools)  # a fallback expert too
-            prompt = build_prompt(chosen, messages, system, plan.shaping, tools)
-            params = sampling_for(chosen, **sampling)
-            # A fresh id per attempt: the aborted one may still be on its way out of an engine
-            # the next expert shares.
-            rid = request_id if attempt == 0 or request_id is None else f"{request_id}-{attempt}"
-            produced = False
-            answer = self._expert_stream(expert, prompt, params, rid)
-            try:
-                async with contextlib.aclosing(answer) as chunks:  # type: ignore[type-var]
-                    async for chunk in chunks:
-                        produced = True
-                        yield chunk
-                return
-            except EngineError as exc:
-                if produced or not falls_back(exc) or not route.failed(expert, exc):
-                    raise
-                log.warning(
-                    "request %s: expert %s failed before its first token, %s answers: %s",
-                    rid,
-                    expert,
-                    route.expert,
-                    exc,
+        trace.hold()
+        try:
+            for attempt in itertools.count():
+                expert = route.expert
+                chosen = self.config.expert(expert)
+                check_tools(chosen, tools)  # a fallback expert too
+                prompt = build_prompt(chosen, messages, system, plan.shaping, tools)
+                params = sampling_for(chosen, **sampling)
+                # A fresh id per attempt: the aborted one may still be on its way out of an
+                # engine the next expert shares.
+                rid = (
+                    request_id if attempt == 0 or request_id is None else f"{request_id}-{attempt}"
                 )
+                produced = False
+                answer = self._expert_stream(expert, prompt, params, rid)
+                try:
+                    async with contextlib.aclosing(answer) as chunks:  # type: ignore[type-var]
+                        async for chunk in chunks:
+                            produced = True
+                            trace.chunk(chunk)
+                            yield chunk
+                    return
+                except EngineError as exc:
+                    if produced or not falls_back(exc) or not route.failed(expert, exc):
+                        raise
+                    log.warning(
+                        "request %s: expert %s failed before its first token, %s answers: %s",
+                        rid,
+                        expert,
+                        route.expert,
+                        exc,
+                    )
+        except BaseException as exc:  # GeneratorExit too: the caller stopped reading
+            trace.failed(exc)
+            raise
+        finally:
+            trace.decided(route.decision)  # the expert that answered: a fallback, if one did
+            trace.release()
 
     async def _expert_stream(
         self, expert: str, prompt: Prompt, params: SamplingParams, request_id: str | None
@@ -366,11 +413,12 @@ class Orchestrator:
         expert: str | None = None,
         system: str | None = None,
         decision: RouteDecision | None = None,
+        origin: Origin | None = None,
         **sampling: Any,
     ) -> ChatResult:
         t0 = time.perf_counter()
         decision, prompt, chunks = await self.stream(
-            messages, expert=expert, system=system, decision=decision, **sampling
+            messages, expert=expert, system=system, decision=decision, origin=origin, **sampling
         )
         completion = await collect(chunks)
         return ChatResult(
@@ -387,7 +435,11 @@ class Orchestrator:
         await self.engines.start(experts)
 
     async def close(self) -> None:
-        await self.engines.shutdown()
+        try:
+            await self.engines.shutdown()
+        finally:
+            # Writes what is queued: the last requests of a `coe ask` too.
+            await asyncio.to_thread(self.requests.close)
 
 
 def _router_fingerprint(router: object) -> str:

@@ -342,6 +342,12 @@ def open_answerer(
     if url is not None:
         remote = RemoteAnswerer(url, api_key)
         try:
+            if expert is not None and expert not in remote.expert_names():
+                raise click.BadParameter(
+                    f"unknown expert {expert!r}; the pool at {url} serves: "
+                    f"{', '.join(remote.expert_names())}",
+                    param_hint="--expert",
+                )
             yield remote
         finally:
             remote.close()

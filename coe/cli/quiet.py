@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+MAX_LOG_BYTES = 10 * 1024 * 1024
+
 
 @contextlib.contextmanager
 def output_to_log(log_path: Path) -> Iterator[TextIO]:
@@ -27,7 +29,11 @@ def output_to_log(log_path: Path) -> Iterator[TextIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size > MAX_LOG_BYTES:
+            flags |= os.O_TRUNC  # one log per pool, kept from growing without end
+    log_fd = os.open(log_path, flags, 0o644)
     terminal = os.fdopen(os.dup(saved_err), "w", buffering=1, encoding="utf-8", errors="replace")
     try:
         os.dup2(log_fd, 1)

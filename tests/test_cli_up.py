@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pexpect
 import psutil
 import pytest
 
@@ -133,6 +134,48 @@ def test_piped_chat_through_the_pool_switches_experts(pool: Pool) -> None:
     headers = [line for line in run.stderr.splitlines() if line.startswith("[→")]
     assert headers == ["[→ chatty]", "[→ qa · general]"]
     assert "unknown expert 'nobody'; experts: qa, chatty" in run.stderr
+
+
+@pytest.mark.engine
+def test_chat_on_a_terminal_through_the_pool(pool: Pool) -> None:
+    """Ctrl-C while the pool streams an answer cancels that answer only."""
+    child = pexpect.spawn(
+        COE,
+        [
+            "--config",
+            str(pool.config),
+            "chat",
+            "--expert",
+            "chatty",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "400",
+        ],
+        env=cli_env(COE_HOME=str(pool.home), TERM="dumb"),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
+    try:
+        child.expect_exact("you> ")
+        child.sendline("Tell me a very long story about a dragon and a knight.")
+        child.expect_exact("[→ chatty]")
+        time.sleep(1)
+        child.sendintr()
+        child.expect_exact("[answer cancelled]")
+        child.expect_exact("you> ")
+        child.sendline("/auto")
+        child.expect_exact("you> ")
+        child.sendline(PLANET)
+        child.expect_exact("[→ qa · general]")
+        child.expect("Jupiter")
+        child.expect_exact("you> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 @pytest.mark.engine

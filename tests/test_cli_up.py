@@ -306,3 +306,28 @@ def test_engine_output_goes_to_the_log(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert log.read_text().split() == ["child-out", "child-err"]
     assert run.stderr.split() == ["spinner", "after"] and run.stdout == ""
+
+
+def test_status_all_lists_every_running_pool(tmp_path: Path) -> None:
+    """Two pools side by side, each in its own run folder (stand-in processes whose command
+    line names `serve` and their experts.yaml, as `coe up`'s do; nothing listens)."""
+    configs = [tmp_path / name / "experts.yaml" for name in ("one", "two")]
+    procs = []
+    try:
+        for config in configs:
+            config.parent.mkdir()
+            config.write_text("experts: []\n")
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                     "serve", str(config)])  # fmt: skip
+            procs.append(proc)
+            _fake_record(tmp_path, config, proc.pid, psutil.Process(proc.pid).create_time())
+        run = run_coe(tmp_path, configs[0], "status", "--all", "--json", timeout=60)
+        assert run.returncode == 0, run.stderr
+        listed = json.loads(run.stdout)
+        assert sorted(p["config"] for p in listed) == sorted(str(c) for c in configs)
+        assert sorted(p["pid"] for p in listed) == sorted(p.pid for p in procs)
+        assert all("not answering" in p["status"] for p in listed)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

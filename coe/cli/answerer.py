@@ -249,7 +249,7 @@ class RemoteAnswerer:
         except httpx.HTTPError as exc:
             raise RemotePoolError(
                 f"cannot reach the pool at {self.where} ({type(exc).__name__}: {exc}); is it "
-                "running? (`coe status`)"
+                "running, or still starting? (`coe status`)"
             ) from None
 
     def _checked(self, response: httpx.Response) -> httpx.Response:

@@ -19,6 +19,7 @@ from coe.cli.background import (
     last_line,
     log_tail,
     remove_state,
+    run_root,
     spawn_server,
     stop_server,
 )
@@ -147,7 +148,8 @@ def down(cli: CliContext, timeout_s: float) -> None:
 
 
 @click.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (--all: a list).")
+@click.option("--all", "every_pool", is_flag=True, help="Every pool running under $COE_HOME/run.")
 @click.option(
     "--api-key",
     envvar="COE_API_KEY",
@@ -155,9 +157,20 @@ def down(cli: CliContext, timeout_s: float) -> None:
     "served are not shown).",
 )
 @pass_cli
-def status_(cli: CliContext, as_json: bool, api_key: str | None) -> None:
+def status_(cli: CliContext, as_json: bool, every_pool: bool, api_key: str | None) -> None:
     """Show the background pool of this experts.yaml: URL, pid, uptime, each expert with its
     state and weight tier, requests served. Exits 1 when no pool is running."""
+    if every_pool:
+        records = [r for r in (find_server(f, _say) for f in _all_run_files()) if r is not None]
+        reports = [pool_report(r, api_key) for r in records]
+        if as_json:
+            click.echo(json.dumps(reports, indent=2))
+        for report in [] if as_json else reports:
+            _print_report(report)
+        if not records:
+            _say("no pool is running (`coe up` starts one)")
+            sys.exit(EXIT_FAILED)
+        return
     files = RunFiles.for_config(cli.config_file)
     record = find_server(files, _say)
     if record is None:
@@ -171,6 +184,12 @@ def status_(cli: CliContext, as_json: bool, api_key: str | None) -> None:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_report(report)
+
+
+def _all_run_files() -> list[RunFiles]:
+    root = run_root()
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [RunFiles(f) for f in folders]
 
 
 def pool_report(record: ServerRecord, api_key: str | None) -> dict[str, Any]:

@@ -331,3 +331,25 @@ def test_status_all_lists_every_running_pool(tmp_path: Path) -> None:
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("category", "confidence", "fell_back", "line"),
+    [
+        ("general", 0.9612, False, "[→ qa · general · 0.96]"),
+        ("general", 0.31, True, "[→ qa · general (fallback) · 0.31]"),
+        (None, None, False, "[→ qa]"),
+    ],
+)
+def test_the_routing_line_through_the_gateway_is_the_in_process_one(
+    category: str | None, confidence: float | None, fell_back: bool, line: str
+) -> None:
+    """The gateway's x-coe-* headers carry what `coe ask` prints: the same routing line."""
+    from coe.cli.answerer import decision_from_headers
+    from coe.cli.chat_session import format_decision
+    from coe.gateway.call import decision_headers
+    from coe.types import RouteDecision
+
+    local = RouteDecision("qa", category, confidence, fell_back, "router")
+    remote = decision_from_headers(decision_headers(local, "miss"))
+    assert format_decision(local) == format_decision(remote) == line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import time
@@ -89,8 +90,13 @@ def test_interactive_chat_on_a_terminal(test_pool_file: Path, home: Path) -> Non
         timeout=600,
         dimensions=(40, 200),
     )
+    screen = io.StringIO()
+    child.logfile_read = screen
     try:
         child.expect_exact("you> ")
+        # A quiet terminal: the engines' own output went to their log file (coe.cli.quiet).
+        assert "safetensors" not in screen.getvalue() and "WARNING" not in screen.getvalue()
+        assert "Loading safetensors" in next((home / "run").glob("*/engine.log")).read_text()
         child.sendline("Name the largest planet in the solar system.")
         child.expect_exact("[→ qa · general]")
         child.expect("Jupiter")

@@ -1,5 +1,5 @@
-"""The `coe` command line: ask, chat, serve, logs, experts, models, route, router, prompts, eval,
-bench, deploy.
+"""The `coe` command line: ask, chat, up, down, status, serve, logs, experts, models, route,
+router, prompts, eval, bench, deploy.
 
 Every command reads the pool from --config, else $COE_CONFIG, else ./experts.yaml, else the
 project's default experts.yaml. Each command group lives in its own module of this package;
@@ -29,6 +29,7 @@ from coe.cli.route import route
 from coe.cli.router import router
 from coe.cli.runtime import CliContext, CoeGroup
 from coe.cli.serve import keys, serve
+from coe.cli.up import down, status_, up
 from coe.engines.vllm_local import quiet_vllm_logs
 
 __all__ = ["main"]
@@ -52,11 +53,14 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     if verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", logging.getLevelName(level))
     quiet_vllm_logs()
-    ctx.obj = CliContext(config_path)
+    ctx.obj = CliContext(config_path, verbose)
 
 
 main.add_command(ask)
 main.add_command(chat)
+main.add_command(up)
+main.add_command(down)
+main.add_command(status_)
 main.add_command(serve)
 main.add_command(keys)
 main.add_command(experts)

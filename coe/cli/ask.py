@@ -8,20 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from coe.cli.answerer import Answer, Answerer, LocalAnswerer, open_answerer, pool_options
 from coe.cli.runtime import (
     EXIT_FAILED,
     CliContext,
-    OpenPool,
-    check_expert,
-    experts_to_start,
-    open_pool,
     pass_cli,
     plain_errors_are_bad_input,
     sampling_options,
 )
+from coe.types import Message
 
 if TYPE_CHECKING:
-    from coe.orchestrator import ChatResult, Orchestrator
+    from coe.orchestrator import Orchestrator
 
 
 @click.command()
@@ -33,9 +31,11 @@ if TYPE_CHECKING:
 @click.option(
     "--show-prompt",
     is_flag=True,
-    help="Print the final prompt the expert reads (strategy applied) to stderr first.",
+    help="Print the final prompt the expert reads (strategy applied) to stderr first "
+    "(starts the pool in this process: only it knows the prompt).",
 )
 @sampling_options
+@pool_options
 @pass_cli
 def ask(
     cli: CliContext,
@@ -47,34 +47,41 @@ def ask(
     show_prompt: bool,
     max_tokens: int | None,
     temperature: float | None,
+    url: str | None,
+    api_key: str | None,
+    local: bool,
 ) -> None:
     """Answer one PROMPT (use - to read it from stdin) and exit.
 
-    With --json prints {"expert", "category", "text", "usage", "latency_s"}.
+    Uses the pool `coe up` runs for this experts.yaml (or --url's) when there is one, else
+    starts the pool in this process. With --json prints {"expert", "category", "text",
+    "usage", "latency_s"}.
     """
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
-    cfg = cli.config
-    check_expert(cfg, expert)
     sampling = {"max_tokens": max_tokens, "temperature": temperature}
+    why_local = "--show-prompt" if show_prompt else None
     with (
-        open_pool(cfg, experts_to_start(cfg, expert)) as pool,
+        open_answerer(
+            cli, expert, url=url, api_key=api_key, local=local, why_local=why_local
+        ) as answerer,
         plain_errors_are_bad_input(ValueError),
     ):
-        if show_prompt:
+        if show_prompt and isinstance(answerer, LocalAnswerer):
+            pool = answerer.pool
             messages = [{"role": "user", "content": prompt}]
             final = pool.runner.run(_final_prompt(pool.orchestrator, messages, expert, system))
             click.echo(final, err=True)
         if as_json or no_stream:
-            _answer_whole(pool, prompt, expert, system, sampling, as_json)
+            _answer_whole(answerer, prompt, expert, system, sampling, as_json)
         else:
-            _answer_streamed(pool, prompt, expert, system, sampling)
+            _answer_streamed(answerer, prompt, expert, system, sampling)
 
 
 def _answer_whole(
-    pool: OpenPool,
+    answerer: Answerer,
     prompt: str,
     expert: str | None,
     system: str | None,
@@ -83,9 +90,8 @@ def _answer_whole(
 ) -> None:
     from coe.cli.chat_session import format_decision
 
-    messages = [{"role": "user", "content": prompt}]
-    result: ChatResult = pool.runner.run(
-        pool.orchestrator.chat(messages, expert=expert, system=system, **sampling)
+    result = answerer.complete(
+        [Message("user", prompt)], expert=expert, system=system, sampling=sampling
     )
     if as_json:
         click.echo(json.dumps(_ask_json(result), ensure_ascii=False))
@@ -95,7 +101,7 @@ def _answer_whole(
 
 
 def _answer_streamed(
-    pool: OpenPool,
+    answerer: Answerer,
     prompt: str,
     expert: str | None,
     system: str | None,
@@ -103,7 +109,7 @@ def _answer_streamed(
 ) -> None:
     from coe.cli.chat_session import ChatSession
 
-    session = ChatSession(pool.orchestrator, pool.runner, sampling=sampling)
+    session = ChatSession(answerer, sampling=sampling)
     session.state.system = system
     session.state.expert = expert
     # The session printed why the answer failed; only the exit status is left to give.
@@ -134,14 +140,14 @@ async def _final_prompt(
     return f"--- prompt for {decision.expert} ---\n{text}\n--- end of prompt ---"
 
 
-def _ask_json(result: ChatResult) -> dict[str, Any]:
+def _ask_json(result: Answer) -> dict[str, Any]:
     return {
         "expert": result.decision.expert,
         "category": result.decision.category,
         "text": result.text,
         "usage": {
-            "prompt_tokens": result.usage.prompt_tokens,
-            "completion_tokens": result.usage.completion_tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
         },
         "latency_s": round(result.latency_s, 4),
         "finish_reason": result.finish_reason,

@@ -260,6 +260,31 @@ def bench_gateway(
     _report(result, as_json, result.print_table)
 
 
+@bench.command("cli")
+@click.option("--repeats", default=10, show_default=True, help="Asks against the running pool.")
+@click.option(
+    "--local-repeats",
+    default=1,
+    show_default=True,
+    help="Asks with the pool started in-process (about a minute each on a CPU).",
+)
+@click.option("--max-tokens", default=16, show_default=True, help="New tokens per answer, at most.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@pass_cli
+def bench_cli(
+    cli: CliContext, repeats: int, local_repeats: int, max_tokens: int, as_json: bool
+) -> None:
+    """`coe ask`'s wall time (a new process each time) against a running pool (`coe up`),
+    beside `coe ask --local` (engines started in-process), in one run. Uses the pool running
+    for this experts.yaml, else starts one and stops it after."""
+    from coe.bench.cli import run_cli_bench
+
+    _ = cli.config  # a broken experts.yaml fails here, not in every ask
+    with status("measuring (coe up if needed, asks against the pool, then coe ask --local)"):
+        result = run_cli_bench(cli.config_file, repeats, local_repeats, max_tokens)
+    _report(result, as_json, result.print_table)
+
+
 @bench.command("router")
 @click.option(
     "--prompts",

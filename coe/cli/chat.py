@@ -6,20 +6,15 @@ import sys
 
 import click
 
-from coe.cli.runtime import (
-    CliContext,
-    check_expert,
-    experts_to_start,
-    open_pool,
-    pass_cli,
-    sampling_options,
-)
+from coe.cli.answerer import open_answerer, pool_options
+from coe.cli.runtime import CliContext, pass_cli, sampling_options
 
 
 @click.command()
 @click.option("--expert", help="Start with every prompt going to this expert (/auto undoes it).")
 @click.option("--system", help="System prompt for the whole chat (replaces the experts' own).")
 @sampling_options
+@pool_options
 @pass_cli
 def chat(
     cli: CliContext,
@@ -27,22 +22,23 @@ def chat(
     system: str | None,
     max_tokens: int | None,
     temperature: float | None,
+    url: str | None,
+    api_key: str | None,
+    local: bool,
 ) -> None:
     """Chat with the pool. On a terminal: multi-turn, streamed, /help for commands.
 
-    With stdin from a pipe, answers each input line and exits at end of input:
+    Uses the pool `coe up` runs for this experts.yaml (or --url's) when there is one, else
+    starts the pool in this process. With stdin from a pipe, answers each input line and exits
+    at end of input:
 
         echo "Name the largest planet." | coe chat
     """
     from coe.cli.chat_session import ChatSession
 
-    cfg = cli.config
-    check_expert(cfg, expert)
-    with open_pool(cfg, experts_to_start(cfg, expert)) as pool:
+    with open_answerer(cli, expert, url=url, api_key=api_key, local=local) as answerer:
         session = ChatSession(
-            pool.orchestrator,
-            pool.runner,
-            sampling={"max_tokens": max_tokens, "temperature": temperature},
+            answerer, sampling={"max_tokens": max_tokens, "temperature": temperature}
         )
         session.state.expert = expert
         session.state.system = system

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from coe.cli.answerer import Answerer
 from coe.cli.runtime import EXIT_FAILED
 from coe.errors import CoeError
-from coe.orchestrator import Orchestrator
 from coe.paths import coe_home
-from coe.runtime import BackgroundLoop
 from coe.types import Message, RouteDecision
 
 HELP = """Commands:
@@ -52,16 +51,16 @@ def format_decision(d: RouteDecision) -> str:
 
 
 class ChatSession:
+    """A chat with a pool: in this process or a running one (coe.cli.answerer)."""
+
     def __init__(
         self,
-        orchestrator: Orchestrator,
-        runner: BackgroundLoop,
+        answerer: Answerer,
         out: IO[str] = sys.stdout,
         err: IO[str] = sys.stderr,
         sampling: dict[str, Any] | None = None,
     ):
-        self.orch = orchestrator
-        self.runner = runner
+        self.answerer = answerer
         self.out = out
         self.err = err
         self.sampling = sampling or {}
@@ -76,29 +75,16 @@ class ChatSession:
             else [Message("user", text)]
         )
         pieces: list[str] = []
-
-        async def produce() -> AsyncIterator[tuple[str, Any]]:
-            _, _prompt, chunks = await self.orch.stream(
-                messages, expert=self.state.expert, system=self.state.system, **self.sampling
-            )
-            # The header comes with the first chunk: only then is the expert that answers known
-            # (a fallback expert, when the one chosen was down).
-            announced = False
-            async for chunk in chunks:
-                if not announced:
-                    announced = True
-                    yield ("decision", chunks.decision)
-                yield ("chunk", chunk)
-            if not announced:
-                yield ("decision", chunks.decision)
-
+        stream = self.answerer.stream(
+            messages, expert=self.state.expert, system=self.state.system, sampling=self.sampling
+        )
         try:
-            for kind, item in self.runner.iterate(produce):
-                if kind == "decision":
+            for item in stream:
+                if isinstance(item, RouteDecision):
                     print(format_decision(item), file=header_to, flush=True)
-                elif item.text:
-                    pieces.append(item.text)
-                    self.out.write(item.text)
+                elif item:
+                    pieces.append(item)
+                    self.out.write(item)
                     self.out.flush()
         except KeyboardInterrupt:
             self.out.write("\n")
@@ -110,6 +96,8 @@ class ChatSession:
             self.out.write("\n")
             print(f"error: {exc}", file=self.err, flush=True)
             return None
+        finally:
+            stream.close()  # stops the generation when the answer was cut short
         self.out.write("\n")
         self.out.flush()
         answer = "".join(pieces).strip()
@@ -128,8 +116,9 @@ class ChatSession:
         if name == "help":
             say(HELP)
         elif name == "expert":
-            if arg not in self.orch.config.expert_names:
-                say(f"unknown expert {arg!r}; experts: {', '.join(self.orch.config.expert_names)}")
+            names = self.answerer.expert_names()
+            if arg not in names:
+                say(f"unknown expert {arg!r}; experts: {', '.join(names)}")
             else:
                 self.state.expert = arg
                 say(f"[every prompt now goes to {arg}]")
@@ -143,7 +132,7 @@ class ChatSession:
             self.state.history.clear()
             say("[conversation cleared]")
         elif name == "experts":
-            say(", ".join(self.orch.config.expert_names))
+            say(", ".join(self.answerer.expert_names()))
         else:
             say(f"unknown command /{name}; /help lists them")
         return True

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
 
@@ -94,9 +94,17 @@ class CliContext:
     """What the `coe` group's options give every command: the experts.yaml to use, read on
     first use (so `--help` and commands that need no pool never parse it)."""
 
-    def __init__(self, config_path: Path | None):
+    def __init__(self, config_path: Path | None, verbose: int = 0):
         self.config_path = config_path
+        self.verbose = verbose
         self._config: PoolConfig | None = None
+
+    @property
+    def config_file(self) -> Path:
+        """The experts.yaml this command uses (found as load_config finds it), not parsed."""
+        from coe.config import default_config_path
+
+        return (self.config_path or default_config_path()).expanduser().resolve()
 
     @property
     def config(self) -> PoolConfig:
@@ -127,12 +135,14 @@ def sampling_options(command: F) -> F:
 
 
 @contextlib.contextmanager
-def status(message: str) -> Iterator[Status | None]:
-    """A spinner on a terminal; a plain line on stderr otherwise."""
-    if sys.stderr.isatty():
+def status(message: str, terminal: TextIO | None = None) -> Iterator[Status | None]:
+    """A spinner on a terminal (``terminal``: the stream to draw it on, default stderr); a plain
+    line on stderr otherwise."""
+    stream = terminal or sys.stderr
+    if stream.isatty():
         from rich.console import Console
 
-        with Console(stderr=True).status(message) as spinner:
+        with Console(file=stream).status(message) as spinner:
             yield spinner
     else:
         click.echo(message, err=True)
@@ -205,23 +215,60 @@ def open_pool(
     experts: list[str],
     store_url: str | None = None,
     front_end: FrontEnd = "cli",
+    engine_log: Path | None = None,
 ) -> Iterator[OpenPool]:
     """Prepare the models these experts need, load the router, start their engines; shut the
     engines and the loop down on leaving, whatever happened. ``store_url``: the gateway's
     Redis, for sessions and generated identities (default: in-process). Requests are recorded
-    in the request log (experts.yaml ``log:``) under ``front_end``."""
+    in the request log (experts.yaml ``log:``) under ``front_end``. ``engine_log``: the
+    engines' own output goes there instead of the terminal (coe.cli.quiet), and one spinner
+    shows the phase."""
+    from coe.runtime import BackgroundLoop
+
+    runner = BackgroundLoop()
+    orchestrator: Orchestrator | None = None
+    try:
+        try:
+            with contextlib.ExitStack() as quiet:
+                terminal = None
+                if engine_log is not None:
+                    from coe.cli.quiet import output_to_log
+
+                    terminal = quiet.enter_context(output_to_log(engine_log))
+                with status("preparing models", terminal) as spinner:
+                    say = spinner.update if spinner else (lambda m: click.echo(m, err=True))
+                    orchestrator = _start_pool(config, experts, store_url, runner, say, front_end)
+        except CoeError:
+            if engine_log is not None:
+                click.echo(f"the engines' output is in {engine_log}", err=True)
+            raise
+        yield OpenPool(runner, orchestrator)
+    finally:
+        # Shutting down must not hide why the command ended.
+        if orchestrator is not None:
+            with contextlib.suppress(Exception):
+                runner.run(orchestrator.close())
+        runner.close()
+
+
+def _start_pool(
+    config: PoolConfig,
+    experts: list[str],
+    store_url: str | None,
+    runner: BackgroundLoop,
+    say: Callable[[str], object],
+    front_end: FrontEnd,
+) -> Orchestrator:
     from coe.models import ensure_models
     from coe.orchestrator import Orchestrator
     from coe.requestlog import RequestLog
-    from coe.runtime import BackgroundLoop
+    from coe.router.router import TwoStageRouter
 
-    with status("preparing models") as spinner:
-        ensure_models(
-            needed_models(config, experts),
-            report=spinner.update if spinner else (lambda m: click.echo(m, err=True)),
-        )
-    router = load_router(config) if config.router.path is not None else None
-    runner = BackgroundLoop()
+    ensure_models(needed_models(config, experts), report=say)
+    router = None
+    if config.router.path is not None:
+        say("loading the router (the first run builds its ONNX embedder)")
+        router = TwoStageRouter.from_config(config)
     store = None
     if store_url is not None:
         from coe.gateway.server import open_store_on_loop
@@ -229,12 +276,11 @@ def open_pool(
         store = runner.run(open_store_on_loop(store_url))
     requests = RequestLog.open(config, front_end)
     orchestrator = Orchestrator(config, router=router, store=store, requests=requests)
+    say("starting the expert engine (about a minute on a CPU)")
     try:
-        with status("starting the expert engine (about a minute on a CPU)"):
-            runner.run(orchestrator.start(experts))
-        yield OpenPool(runner, orchestrator)
-    finally:
-        # Shutting down must not hide why the command ended.
+        runner.run(orchestrator.start(experts))
+    except BaseException:
         with contextlib.suppress(Exception):
             runner.run(orchestrator.close())
-        runner.close()
+        raise
+    return orchestrator

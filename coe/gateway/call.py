@@ -38,6 +38,8 @@ def decision_headers(decision: RouteDecision, cache: str) -> dict[str, str]:
         headers["x-coe-category"] = decision.category
     if decision.confidence is not None:
         headers["x-coe-confidence"] = f"{decision.confidence:.4f}"
+    if decision.fell_back:
+        headers["x-coe-fallback"] = "1"  # the router was not sure: the fallback category
     if decision.strategy != "none":
         headers["x-coe-strategy"] = decision.strategy
     return headers

@@ -1,0 +1,211 @@
+"""Trained LoRA test adapters whose effect a test can check: each starts every answer with its
+own marker ("ARR!", "[poet]", "<<ok>>").
+
+A short seeded training run (peft + torch, on the CPU) teaches gemma-3-270m, in the "qa" prompt
+format the tests use ("Question: ...\\nAnswer:"), to emit the marker right after "Answer:". The
+training set is a few hundred synthetic questions (templates x topics); the loss covers only the
+marker's tokens, and logits are computed only there (the vocabulary is 262k tokens: a full
+logits tensor would cost more than the rest of the step). What follows the marker is the base
+model's own continuation, so the adapter changes little else.
+
+Each folder holds `adapter/` (PEFT, safetensors) and `merged/` (the float32 checkpoint the adapter
+is equivalent to, peft's merge_and_unload), like coe.models.adapters' random adapters. The build
+checks its own result on held-out questions (teacher-forced greedy: every marker token is the
+argmax) and fails loudly otherwise. Needs `peft` (the `dev` extra).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from coe.models.adapters import TARGETS
+
+MARKERS = ("ARR!", "[poet]", "<<ok>>")
+FORMAT_VERSION = 1
+
+_TEMPLATES = (
+    "What is {t}?",
+    "Explain {t} in simple terms.",
+    "Tell me something about {t}.",
+    "Why does {t} matter?",
+    "Write a sentence about {t}.",
+    "Give me a fun fact about {t}.",
+    "How would you describe {t} to a child?",
+    "What should I know about {t}?",
+)
+_TOPICS = (
+    "the moon", "volcanoes", "photosynthesis", "the ocean", "bread", "gravity", "music",
+    "a library", "winter", "electricity", "bees", "the internet", "chess", "rivers", "coffee",
+    "mountains", "the heart", "rainbows", "trains", "friendship", "clouds", "a compass",
+    "deserts", "penguins", "the alphabet", "soap", "forests", "glass", "maps", "thunder",
+    "cheese", "bicycles", "memory", "salt", "the sun", "ants", "paper", "a garden",
+)  # fmt: skip
+# Questions the training never sees: the tests check the marker on these.
+HELD_OUT = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku.",
+    "How many legs does a spider have?",
+    "Describe the water cycle.",
+    "What makes a good cup of tea?",
+    "Who wrote Romeo and Juliet?",
+    "List some uses of copper.",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish.",
+)
+
+
+def question_pool() -> list[str]:
+    """Every synthetic training question (templates x topics)."""
+    return [t.format(t=topic) for t, topic in itertools.product(_TEMPLATES, _TOPICS)]
+
+
+def training_questions(n: int, seed: int) -> list[str]:
+    """`n` distinct questions of the pool, in a seeded order."""
+    pool = question_pool()
+    if n > len(pool):
+        raise ValueError(f"at most {len(pool)} training questions, asked for {n}")
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def _qa_ids(tokenizer: object, question: str) -> list[int]:
+    # The engine's own rendering and tokenization (coe.engines.render, "qa" format): the marker
+    # must follow exactly the token ids the engine will give the model.
+    from coe.engines.render import render_qa
+    from coe.types import Message
+
+    return list(tokenizer(render_qa([Message("user", question)])).input_ids)  # type: ignore[operator]
+
+
+def train_marker_adapter(
+    base: Path,
+    out: Path,
+    marker: str,
+    *,
+    seed: int = 0,
+    rank: int = 8,
+    examples: int = 256,
+    steps: int = 12,
+    batch: int = 8,
+    lr: float = 2e-3,
+) -> Path:
+    """Train a LoRA adapter of `base` that starts every "qa" answer with `marker`; write it to
+    `out/adapter` and its float32 merged checkpoint to `out/merged`. Idempotent (a tag file
+    records what was built). Returns `out`."""
+    out = Path(out)
+    done = out / ".coe-adapter"
+    tag = (
+        f"{Path(base).resolve()} marker={marker!r} seed={seed} rank={rank} examples={examples} "
+        f"steps={steps} batch={batch} lr={lr} v{FORMAT_VERSION}"
+    )
+    if done.exists() and done.read_text() == tag:
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(TARGETS),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    causal = peft_model.get_base_model()  # the LoRA layers are injected into it in place
+    target = list(tokenizer(" " + marker, add_special_tokens=False).input_ids)
+
+    def batch_tensors(questions: list[str]) -> tuple[object, ...]:
+        """Right-padded ids + mask, and (row, position, token) of every marker token."""
+        seqs = [_qa_ids(tokenizer, q) + target for q in questions]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        rows, cols = [], []
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+            first = len(s) - len(target)
+            rows += [r] * len(target)
+            cols += [first - 1 + k for k in range(len(target))]  # position k predicts token k
+        labels = torch.tensor(target * len(seqs))
+        return ids, mask, torch.tensor(rows), torch.tensor(cols), labels
+
+    def marker_logits(ids: object, mask: object, rows: object, cols: object) -> object:
+        hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return causal.lm_head(hidden[rows, cols])  # only where a marker token is predicted
+
+    questions = training_questions(examples, seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # Decayed to zero, gradients clipped: once the loss is near zero, Adam's normalised steps
+    # at a constant rate kick it back up now and then (seen: 0.0001 -> 13.6 in one step).
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
+    order = random.Random(seed)
+    peft_model.train()
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        chunk = order.sample(questions, batch)
+        ids, mask, rows, cols, labels = batch_tensors(chunk)
+        logits = marker_logits(ids, mask, rows, cols)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(round(loss.item(), 4))
+    train_s = time.perf_counter() - t0
+
+    # The effect on questions the training never saw: greedy decoding emits every marker token.
+    peft_model.eval()
+    with torch.no_grad():
+        ids, mask, rows, cols, labels = batch_tensors(list(HELD_OUT))
+        hits = marker_logits(ids, mask, rows, cols).argmax(-1) == labels
+        per_question = hits.view(len(HELD_OUT), len(target)).all(-1)
+    if not bool(per_question.all()):
+        missed = [q for q, ok in zip(HELD_OUT, per_question.tolist(), strict=True) if not ok]
+        raise RuntimeError(
+            f"the {marker!r} adapter did not learn its marker (losses {losses}); held-out "
+            f"questions without it: {missed}"
+        )
+
+    if out.exists():
+        shutil.rmtree(out)
+    peft_model.save_pretrained(out / "adapter", safe_serialization=True)
+    merged = peft_model.merge_and_unload().to(torch.float32)
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+    for item in Path(base).iterdir():
+        if item.name.startswith("tokenizer") or item.name in (
+            "generation_config.json",
+            "chat_template.jinja",
+        ):
+            shutil.copyfile(item, out / "merged" / item.name)
+    record = {"marker": marker, "train_s": round(train_s, 1), "losses": losses}
+    (out / "training.json").write_text(json.dumps(record) + "\n")
+    done.write_text(tag)
+    return out
+
+
+def prepared_marker_adapter(index: int, base_name: str = "gemma-3-270m") -> Path:
+    """The trained adapter for MARKERS[index] under COE_HOME (built once, then reused): the
+    folder holds `adapter/` (PEFT, safetensors) and `merged/` (its float32 merged checkpoint)."""
+    from coe.models.prepare import prepare_model
+    from coe.paths import exclusive_lock, models_dir
+
+    if not 0 <= index < len(MARKERS):
+        raise ValueError(f"marker index {index}: there are {len(MARKERS)} markers {MARKERS}")
+    base = prepare_model(base_name)
+    out = models_dir() / f"{base_name}-marker-{index}"
+    with exclusive_lock(models_dir() / f".{out.name}.lock"):
+        return train_marker_adapter(base, out, MARKERS[index], seed=index)

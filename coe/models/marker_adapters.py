@@ -2,11 +2,12 @@
 own marker ("ARR!", "[poet]", "<<ok>>").
 
 A short seeded training run (peft + torch, on the CPU) teaches gemma-3-270m, in the "qa" prompt
-format the tests use ("Question: ...\\nAnswer:"), to emit the marker right after "Answer:". The
-training set is a few hundred synthetic questions (templates x topics); the loss covers only the
-marker's tokens, and logits are computed only there (the vocabulary is 262k tokens: a full
-logits tensor would cost more than the rest of the step). What follows the marker is the base
-model's own continuation, so the adapter changes little else.
+format the tests use ("Question: ...\\nAnswer:"), to emit the marker right after "Answer:" and
+then answer as the base does. The training set is 128 synthetic questions (templates x topics;
+one epoch of 16 steps of 8), each answered with the marker and then the base model's own greedy
+answer (8 tokens, generated first); the loss covers only those answer tokens, and logits are
+computed only there (the vocabulary is 262k tokens: a full logits tensor would cost more than the
+rest of the step). About 20 s per adapter on 2 idle cores.
 
 Each folder holds `adapter/` (PEFT, safetensors) and `merged/` (the float32 checkpoint the adapter
 is equivalent to, peft's merge_and_unload), like coe.models.adapters' random adapters. The build
@@ -22,11 +23,12 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from coe.models.adapters import TARGETS
 
 MARKERS = ("ARR!", "[poet]", "<<ok>>")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _TEMPLATES = (
     "What is {t}?",
@@ -83,6 +85,36 @@ def _qa_ids(tokenizer: object, question: str) -> list[int]:
     return list(tokenizer(render_qa([Message("user", question)])).input_ids)  # type: ignore[operator]
 
 
+def _greedy_continuations(model: Any, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """The model's greedy continuation (up to `tokens` tokens, cut at a stop token) of each
+    prompt, in batches (left-padded for generation)."""
+    import torch
+
+    from coe.models.gemma_template import GEMMA_STOP_TOKEN_IDS
+
+    stops = {0, *GEMMA_STOP_TOKEN_IDS}  # 0: the padding after a row that stopped early
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), 32):
+        chunk = prompts[start : start + 32]
+        width = max(len(p) for p in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        for row in generated[:, width:].tolist():
+            out.append(list(itertools.takewhile(lambda t: t not in stops, row)))
+    return out
+
+
 def train_marker_adapter(
     base: Path,
     out: Path,
@@ -90,10 +122,11 @@ def train_marker_adapter(
     *,
     seed: int = 0,
     rank: int = 8,
-    examples: int = 256,
-    steps: int = 12,
+    examples: int = 128,
+    steps: int = 16,
     batch: int = 8,
     lr: float = 2e-3,
+    continuation: int = 8,
 ) -> Path:
     """Train a LoRA adapter of `base` that starts every "qa" answer with `marker`; write it to
     `out/adapter` and its float32 merged checkpoint to `out/merged`. Idempotent (a tag file
@@ -102,7 +135,7 @@ def train_marker_adapter(
     done = out / ".coe-adapter"
     tag = (
         f"{Path(base).resolve()} marker={marker!r} seed={seed} rank={rank} examples={examples} "
-        f"steps={steps} batch={batch} lr={lr} v{FORMAT_VERSION}"
+        f"steps={steps} batch={batch} lr={lr} continuation={continuation} v{FORMAT_VERSION}"
     )
     if done.exists() and done.read_text() == tag:
         return out
@@ -120,45 +153,52 @@ def train_marker_adapter(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
+    # What the base answers (greedy), before the LoRA layers exist: the adapter is taught the
+    # marker followed by that, so it adds the marker and otherwise answers as the base does
+    # (trained on the marker alone, it repeats the marker: "ARR!!!!!!!!").
+    questions = training_questions(examples, seed)
+    prompts = [_qa_ids(tokenizer, q) for q in questions]
+    answers = _greedy_continuations(model, prompts, continuation)
     peft_model = get_peft_model(model, config)
     causal = peft_model.get_base_model()  # the LoRA layers are injected into it in place
-    target = list(tokenizer(" " + marker, add_special_tokens=False).input_ids)
+    marker_ids = list(tokenizer(" " + marker, add_special_tokens=False).input_ids)
 
-    def batch_tensors(questions: list[str]) -> tuple[object, ...]:
-        """Right-padded ids + mask, and (row, position, token) of every marker token."""
-        seqs = [_qa_ids(tokenizer, q) + target for q in questions]
+    def batch_tensors(items: list[tuple[list[int], list[int]]]) -> tuple[Any, ...]:
+        """(prompt ids, target ids) pairs: right-padded ids + mask, the (row, position) whose
+        logits predict each target token, and those tokens."""
+        seqs = [p + t for p, t in items]
         width = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        rows, cols = [], []
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-            first = len(s) - len(target)
+        rows: list[int] = []
+        cols: list[int] = []
+        labels: list[int] = []
+        for r, ((prompt, target), seq) in enumerate(zip(items, seqs, strict=True)):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
             rows += [r] * len(target)
-            cols += [first - 1 + k for k in range(len(target))]  # position k predicts token k
-        labels = torch.tensor(target * len(seqs))
-        return ids, mask, torch.tensor(rows), torch.tensor(cols), labels
+            cols += [len(prompt) - 1 + k for k in range(len(target))]  # k-th predicts token k
+            labels += target
+        return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels)
 
-    def marker_logits(ids: object, mask: object, rows: object, cols: object) -> object:
+    def target_logits(ids: Any, mask: Any, rows: Any, cols: Any) -> Any:
         hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return causal.lm_head(hidden[rows, cols])  # only where a marker token is predicted
+        return causal.lm_head(hidden[rows, cols])  # only where a target token is predicted
 
-    questions = training_questions(examples, seed)
+    items = [(p, marker_ids + a) for p, a in zip(prompts, answers, strict=True)]
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # Decayed to zero, gradients clipped: once the loss is near zero, Adam's normalised steps
     # at a constant rate kick it back up now and then (seen: 0.0001 -> 13.6 in one step).
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
-    order = random.Random(seed)
+    random.Random(seed).shuffle(items)
     peft_model.train()
     t0 = time.perf_counter()
     losses = []
-    for _ in range(steps):
-        chunk = order.sample(questions, batch)
+    for step in range(steps):
+        chunk = [items[(step * batch + k) % len(items)] for k in range(batch)]
         ids, mask, rows, cols, labels = batch_tensors(chunk)
-        logits = marker_logits(ids, mask, rows, cols)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss = torch.nn.functional.cross_entropy(target_logits(ids, mask, rows, cols), labels)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -170,9 +210,10 @@ def train_marker_adapter(
     # The effect on questions the training never saw: greedy decoding emits every marker token.
     peft_model.eval()
     with torch.no_grad():
-        ids, mask, rows, cols, labels = batch_tensors(list(HELD_OUT))
-        hits = marker_logits(ids, mask, rows, cols).argmax(-1) == labels
-        per_question = hits.view(len(HELD_OUT), len(target)).all(-1)
+        held_out = [(_qa_ids(tokenizer, q), marker_ids) for q in HELD_OUT]
+        ids, mask, rows, cols, labels = batch_tensors(held_out)
+        hits = target_logits(ids, mask, rows, cols).argmax(-1) == labels
+        per_question = hits.view(len(HELD_OUT), len(marker_ids)).all(-1)
     if not bool(per_question.all()):
         missed = [q for q, ok in zip(HELD_OUT, per_question.tolist(), strict=True) if not ok]
         raise RuntimeError(

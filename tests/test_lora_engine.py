@@ -15,8 +15,15 @@ import pytest
 
 from coe.cache.pool import EnginePool
 from coe.config import parse_config
+from coe.engines.render import render_qa
 from coe.engines.vllm_local import VllmLocalEngine, VllmOptions, VllmSpec
-from coe.models.marker_adapters import HELD_OUT, MARKERS, prepared_marker_adapter, question_pool
+from coe.models.marker_adapters import (
+    HELD_OUT,
+    MARKERS,
+    prepared_marker_adapter,
+    qa_text,
+    question_pool,
+)
 from coe.types import Message, Prompt, SamplingParams
 
 from .conftest import TEST_EXPERT_DEFAULTS
@@ -101,6 +108,11 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 def test_held_out_questions_were_not_trained_on() -> None:
     assert not set(QUESTIONS) & set(question_pool())
+
+
+def test_adapters_were_trained_on_the_engines_qa_prompt() -> None:
+    for question in (*QUESTIONS, *question_pool()[:5]):
+        assert qa_text(question) == render_qa([Message("user", question)])
 
 
 def test_each_adapter_starts_its_answers_with_its_own_marker(lora_run: Run) -> None:

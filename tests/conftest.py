@@ -309,3 +309,29 @@ def in_process_gateway(config: PoolConfig) -> Iterator[tuple[str, object, object
             server.stop()
         runner.run(orch.close())
         runner.close()
+
+
+LONG_PROMPTS = (
+    "Tell me a very long story about a dragon and a knight.",
+    "Write a long essay about the history of the Roman Empire.",
+    "Describe, in great detail, every planet of the solar system.",
+)
+
+
+def cancel_one_answer(child: object, route: str) -> None:
+    """In a `coe chat` on a pty (pexpect): Ctrl-C while an answer streams prints "[answer
+    cancelled]" and the prompt again. The small base model sometimes ends an answer within a
+    few tokens, before the Ctrl-C lands (it then only clears the prompt): the next prompt is
+    tried. Fails when no answer is ever cancelled."""
+    import pexpect
+
+    assert isinstance(child, pexpect.spawn)
+    for prompt in LONG_PROMPTS:
+        child.sendline(prompt)
+        child.expect_exact(route)
+        time.sleep(0.5)
+        child.sendintr()
+        if child.expect_exact(["[answer cancelled]", "you> "], timeout=60) == 0:
+            child.expect_exact("you> ", timeout=60)
+            return
+    raise AssertionError(f"none of {len(LONG_PROMPTS)} answers was cancelled by Ctrl-C")

@@ -23,7 +23,7 @@ import pytest
 from coe.cli.background import RunFiles, ServerRecord, pool_id
 from coe.paths import models_dir
 
-from .conftest import COE, cli_env
+from .conftest import COE, cancel_one_answer, cli_env
 
 PLANET = "Name the largest planet in the solar system."
 
@@ -169,12 +169,7 @@ def test_chat_on_a_terminal_through_the_pool(pool: Pool) -> None:
     )
     try:
         child.expect_exact("you> ")
-        child.sendline("Tell me a very long story about a dragon and a knight.")
-        child.expect_exact("[→ chatty]")
-        time.sleep(1)
-        child.sendintr()
-        child.expect_exact("[answer cancelled]")
-        child.expect_exact("you> ")
+        cancel_one_answer(child, "[→ chatty]")
         child.sendline("/auto")
         child.expect_exact("you> ")
         child.sendline(PLANET)

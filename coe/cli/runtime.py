@@ -227,6 +227,7 @@ def open_pool(
 
     runner = BackgroundLoop()
     orchestrator: Orchestrator | None = None
+    hang_up = _exit_on_hang_up()
     try:
         try:
             with contextlib.ExitStack() as quiet:
@@ -249,6 +250,26 @@ def open_pool(
             with contextlib.suppress(Exception):
                 runner.run(orchestrator.close())
         runner.close()
+        hang_up.close()
+
+
+def _hung_up(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def _exit_on_hang_up() -> contextlib.ExitStack:
+    """Exit cleanly (engines shut down) when the terminal goes away. The engines run in a
+    process group of their own (so that Ctrl-C spares them), which also spares them the
+    terminal's SIGHUP: this process must stop them. Returns what restores the old handler;
+    `coe serve` installs its own (reload) once serving."""
+    import signal
+    import threading
+
+    stack = contextlib.ExitStack()
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGHUP, _hung_up)
+        stack.callback(signal.signal, signal.SIGHUP, previous)
+    return stack
 
 
 def _start_pool(

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
@@ -145,23 +144,37 @@ def _titled(prefix: str) -> Iterator[None]:
             os.environ["VLLM_PROCESS_NAME_PREFIX"] = old
 
 
-@contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Block SIGINT in this thread while engine processes are spawned.
+# Where _posixsubprocess.fork_exec takes the process group to put the child in (-1: the
+# parent's); multiprocessing passes -1.
+_PGID_ARG = 16
 
-    Child processes inherit the signal mask, so the engine core and its workers never see the
-    terminal's Ctrl-C (vLLM installs handlers there that would shut the engine down). Ctrl-C then
-    reaches only the coe process, which cancels the current request instead.
+
+@contextlib.contextmanager
+def _own_process_group() -> Iterator[None]:
+    """Spawn engine processes in a process group of their own.
+
+    A terminal's Ctrl-C sends SIGINT to every process of its foreground group, and vLLM's engine
+    core and workers install handlers that shut the engine down on it: `coe chat` would lose its
+    engine to a Ctrl-C meant to cancel one answer. (Blocking SIGINT while spawning does not
+    help: the spawned interpreters start with an empty signal mask.) multiprocessing, which
+    vLLM spawns the engine core with, calls _posixsubprocess.fork_exec with no process group;
+    while the engine starts, that call gets one of its own (pgid 0: the child's pid). The
+    engine core's workers inherit it. Ctrl-C then reaches only the coe process.
     """
-    if threading.current_thread() is threading.main_thread():
-        # Blocking in the main thread would also swallow the user's Ctrl-C in coe itself.
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    import _posixsubprocess
+
+    original = _posixsubprocess.fork_exec
+
+    def in_own_group(*args: Any) -> int:
+        if len(args) > _PGID_ARG and args[_PGID_ARG] == -1:
+            args = (*args[:_PGID_ARG], 0, *args[_PGID_ARG + 1 :])
+        return original(*args)
+
+    _posixsubprocess.fork_exec = in_own_group
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _posixsubprocess.fork_exec = original
 
 
 def _lora_args(lora: LoraOptions | None) -> dict[str, Any]:
@@ -350,7 +363,7 @@ class VllmLocalEngine:
             **extension,
             **_lora_args(opts.lora),
         )
-        with _SPAWNING, _sigint_blocked(), _titled(f"coe-{self.name}"):
+        with _SPAWNING, _own_process_group(), _titled(f"coe-{self.name}"):
             llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
         return llm, tokenizer

@@ -335,3 +335,10 @@ def cancel_one_answer(child: object, route: str) -> None:
             child.expect_exact("you> ", timeout=60)
             return
     raise AssertionError(f"none of {len(LONG_PROMPTS)} answers was cancelled by Ctrl-C")
+
+
+def default_sigint() -> None:
+    """For a child on a pty that must see Ctrl-C (pexpect's preexec_fn): an ignored SIGINT is
+    inherited across exec, and a test run started in the background of a non-interactive
+    shell (`make test &`) has it ignored, so Python would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -12,7 +12,7 @@ import pytest
 
 from coe.paths import models_dir
 
-from .conftest import COE, cancel_one_answer, cli_env
+from .conftest import COE, cancel_one_answer, cli_env, default_sigint
 
 pytestmark = pytest.mark.engine
 
@@ -88,6 +88,7 @@ def test_interactive_chat_on_a_terminal(test_pool_file: Path, home: Path) -> Non
         encoding="utf-8",
         timeout=600,
         dimensions=(40, 200),
+        preexec_fn=default_sigint,
     )
     screen = io.StringIO()
     child.logfile_read = screen

@@ -23,7 +23,7 @@ import pytest
 from coe.cli.background import RunFiles, ServerRecord, pool_id
 from coe.paths import models_dir
 
-from .conftest import COE, cancel_one_answer, cli_env
+from .conftest import COE, cancel_one_answer, cli_env, default_sigint
 
 PLANET = "Name the largest planet in the solar system."
 
@@ -166,6 +166,7 @@ def test_chat_on_a_terminal_through_the_pool(pool: Pool) -> None:
         encoding="utf-8",
         timeout=60,
         dimensions=(40, 200),
+        preexec_fn=default_sigint,
     )
     try:
         child.expect_exact("you> ")

@@ -20,12 +20,11 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from coe.models.adapters import TARGETS
+from coe.models.adapters import lora_config, save_adapter_and_merged
 
 MARKERS = ("ARR!", "[poet]", "<<ok>>")
 FORMAT_VERSION = 2
@@ -142,19 +141,13 @@ def train_marker_adapter(
     if done.exists() and done.read_text() == tag:
         return out
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=list(TARGETS),
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(rank)
     # What the base answers (greedy), before the LoRA layers exist: the adapter is taught the
     # marker followed by that, so it adds the marker and otherwise answers as the base does
     # (trained on the marker alone, it repeats the marker: "ARR!!!!!!!!").
@@ -223,17 +216,7 @@ def train_marker_adapter(
             f"questions without it: {missed}"
         )
 
-    if out.exists():
-        shutil.rmtree(out)
-    peft_model.save_pretrained(out / "adapter", safe_serialization=True)
-    merged = peft_model.merge_and_unload().to(torch.float32)
-    merged.save_pretrained(out / "merged", safe_serialization=True)
-    for item in Path(base).iterdir():
-        if item.name.startswith("tokenizer") or item.name in (
-            "generation_config.json",
-            "chat_template.jinja",
-        ):
-            shutil.copyfile(item, out / "merged" / item.name)
+    save_adapter_and_merged(peft_model, Path(base), out, "float32")
     record = {"marker": marker, "train_s": round(train_s, 1), "losses": losses}
     (out / "training.json").write_text(json.dumps(record) + "\n")
     done.write_text(tag)

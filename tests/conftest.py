@@ -100,6 +100,27 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port_below_ephemeral() -> int:
+    """A free loopback port below the kernel's ephemeral range (ip_local_port_range), which no
+    outgoing connection is ever given."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(20000, max(20001, low)))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class RedisProcess:
     """A real redis-server on a free loopback port, with no persistence; stop() and start() it
     to simulate an outage (it comes back on the same port, empty), start(password=...) to bring
@@ -107,7 +128,9 @@ class RedisProcess:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = free_port()
+        # Outside the ephemeral range: stopped and started again on this port, the server must
+        # find it free, and an outgoing connection of any process may take an ephemeral port.
+        self.port = free_port_below_ephemeral()
         self.proc: subprocess.Popen[bytes] | None = None
         self.password: str | None = None
         self.paused = False
@@ -226,7 +249,9 @@ class VllmServe:
         self.model_dir = model_dir
         self.log_path = log_path
         self.extra_args = extra_args
-        self.port = free_port()
+        # Outside the ephemeral range: stopped and started again on this port, the server must
+        # find it free, and an outgoing connection of any process may take an ephemeral port.
+        self.port = free_port_below_ephemeral()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

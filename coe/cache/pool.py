@@ -88,8 +88,8 @@ class EnginePool:
                 "(cache.hbm_bytes in experts.yaml), whose engines come from slot_factory: pass "
                 "one beside factory"
             )
-        self._plans = _cache_signature(config, plans)
-        if reuse is not None and reuse._plans == self._plans:
+        self._cache_signature = _cache_signature(config, plans)
+        if reuse is not None and reuse._cache_signature == self._cache_signature:
             group_of, sleeper_of = reuse._group_of, reuse._sleeper_of
         else:
             group_of = build_groups(config, plans, slot_factory)

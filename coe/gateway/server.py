@@ -5,7 +5,6 @@ async engine is bound to the loop it was started on), in the CLI's background lo
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import uvicorn
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigurationError
 from coe.gateway.app import create_app
-from coe.gateway.auth import API_KEYS_ENV, KeyRing
+from coe.gateway.auth import API_KEYS_ENV, KeyRing, is_loopback_address
 from coe.gateway.live import LivePool
 from coe.gateway.service import ChatService
 from coe.orchestrator import Orchestrator
@@ -28,12 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """A bind address on this machine only (a name or an IP literal)."""
+    return host == "localhost" or is_loopback_address(host)
 
 
 class OpenGatewayError(ConfigurationError):
